@@ -1,0 +1,35 @@
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_dataset(path, vocab_size=32, n_train=4000, n_val=1000, with_mask=False, seed=0):
+    """A tiny learnable token dataset in the data/NAME/ format (no tokenizer needed)."""
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    # a noisy counter: the next token is usually (t + 1) % vocab, so a model can learn it
+    def stream(n):
+        t = np.cumsum(rng.integers(1, 3, size=n)) % vocab_size
+        return t.astype(np.uint16)
+    for split, n in (('train', n_train), ('val', n_val)):
+        toks = stream(n)
+        toks.tofile(os.path.join(path, f'{split}.bin'))
+        if with_mask:
+            (np.arange(n) % 3 != 0).astype(np.uint8).tofile(os.path.join(path, f'{split}_mask.bin'))
+    meta = {'dataset': 'tiny', 'source': 'synthetic', 'tokenizer': 'none', 'vocab_size': vocab_size,
+            'dtype': 'uint16', 'train_tokens': n_train, 'val_tokens': n_val, 'bytes_per_token': 1.0,
+            'special_tokens': {}, 'eot_id': None}
+    with open(os.path.join(path, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return path
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return make_dataset(str(tmp_path / 'data' / 'tiny'))

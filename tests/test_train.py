@@ -1,0 +1,176 @@
+"""train.py end to end on a tiny synthetic dataset: schedules, groups, resume, determinism, DDP, errors."""
+import json
+import math
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, make_dataset
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4', '--eval_iters=2',
+        '--log_interval=1', '--device=cpu', '--dtype=float32', '--warmup_iters=2', '--learning_rate=3e-3',
+        '--min_lr=3e-4']
+
+
+def run_train(args, check=True):
+    r = subprocess.run([sys.executable, 'train.py', *TINY, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return {r['iter']: r['loss'] for r in read_log(out_dir) if 'loss' in r}
+
+
+def load_script(tmp_path, *args):
+    """Run train.py in-process with max_iters=0 (one eval, no steps) and return its globals."""
+    data = make_dataset(str(tmp_path / 'd'))
+    argv = sys.argv
+    sys.argv = ['train.py', *TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--max_iters=0', *args]
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        return runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='train')
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+
+
+def test_lr_schedule_and_dropout_schedule_values(tmp_path):
+    g = load_script(tmp_path, '--warmup_iters=10', '--lr_decay_iters=110', '--learning_rate=1e-3',
+                    '--min_lr=1e-4', '--dropout_schedule=(0.0,0.05,0.6)', '--max_iters=0')
+    get_lr = g['get_lr']
+    assert get_lr(0) > 0 and get_lr(0) == pytest.approx(1e-3 / 11)  # never 0 at step 0
+    assert get_lr(9) < get_lr(10) == pytest.approx(1e-3)  # warmup reaches the peak
+    assert get_lr(60) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # cosine half way
+    assert get_lr(110) == pytest.approx(1e-4) and get_lr(500) == pytest.approx(1e-4)
+    get_dropout = g['get_dropout']
+    get_dropout.__globals__['max_iters'] = 100  # the schedule reads max_iters at call time
+    assert [get_dropout(i) for i in (0, 59, 60, 99)] == [0.0, 0.0, 0.05, 0.05]
+
+
+def test_param_groups_hold_exactly_the_intended_tensors(tmp_path):
+    g = load_script(tmp_path, '--bias=True')
+    decay, no_decay = g['optimizer'].param_groups
+    names = {id(p): n for n, p in g['raw_model'].named_parameters()}
+    decay_names = {names[id(p)] for p in decay['params']}
+    no_decay_names = {names[id(p)] for p in no_decay['params']}
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+    assert decay_names | no_decay_names == set(names.values()) and not decay_names & no_decay_names
+    for n in decay_names:
+        assert n.endswith('weight') and 'wte' not in n and 'wpe' not in n and 'ln' not in n, n
+    assert any('attn' in n for n in decay_names) and any('mlp' in n for n in decay_names)
+    assert {'transformer.wte.weight', 'transformer.wpe.weight'} <= no_decay_names
+    assert any(n.endswith('bias') for n in no_decay_names)
+    g2 = load_script(tmp_path, '--decay_embeddings=True')
+    decay_names2 = {n for n, p in g2['raw_model'].named_parameters()
+                    if any(p is q for q in g2['optimizer'].param_groups[0]['params'])}
+    assert 'transformer.wte.weight' in decay_names2
+
+
+def test_end_to_end_writes_logs_checkpoint_and_loss_falls(tiny_data, tmp_path):
+    out = str(tmp_path / 'out')
+    r = run_train([f'--data_dir={tiny_data}', f'--out_dir={out}', '--max_iters=60', '--eval_interval=30'])
+    assert 'val bpb' in r.stdout and 'tok/s' in r.stdout and 'mfu' in r.stdout
+    log = read_log(out)
+    evals = [x for x in log if 'val_loss' in x]
+    assert [e['iter'] for e in evals] == [0, 30, 60]
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.5  # it learns the counter
+    assert evals[-1]['val_bpb'] == pytest.approx(evals[-1]['val_loss'] / math.log(2))  # 1 byte/token here
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter_num'] == 60 and not any(k.startswith('_orig_mod') for k in ckpt['model'])
+    assert ckpt['model_args']['n_embd'] == 32 and ckpt['config']['max_iters'] == 60
+    assert os.path.isfile(os.path.join(out, 'best.pt'))
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')]
+    with open(os.path.join(out, 'config.json')) as f:
+        assert json.load(f)['max_iters'] == 60
+
+
+def test_same_seed_same_losses_and_exact_resume(tiny_data, tmp_path):
+    common = [f'--data_dir={tiny_data}', '--eval_interval=5', '--lr_decay_iters=12', '--dropout=0.1']
+    a, b, c = (str(tmp_path / n) for n in 'abc')
+    run_train(common + [f'--out_dir={a}', '--max_iters=12'])
+    run_train(common + [f'--out_dir={b}', '--max_iters=12'])
+    assert train_losses(a) == train_losses(b)  # determinism (dropout included)
+    run_train(common + [f'--out_dir={c}', '--max_iters=5'])
+    run_train(common + [f'--out_dir={c}', '--max_iters=12', '--init_from=resume'])
+    la, lc = train_losses(a), train_losses(c)
+    assert sorted(lc) == list(range(1, 13))
+    assert [lc[i] for i in range(6, 13)] == [la[i] for i in range(6, 13)]  # bit-identical after resume
+
+
+def test_loss_mask_counts_are_reported(tmp_path):
+    data = make_dataset(str(tmp_path / 'm'), with_mask=True)
+    r = run_train([f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--max_iters=2'])
+    assert 'counted by the loss mask' in r.stdout
+
+
+@pytest.mark.skipif(not shutil.which('torchrun') and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), 'torchrun')), reason='torchrun not installed')
+def test_ddp_two_processes_match_one_process(tiny_data, tmp_path):
+    common = [*TINY, f'--data_dir={tiny_data}', '--eval_interval=100', '--max_iters=4',
+              '--gradient_accumulation_steps=2']
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    run_train(common[len(TINY):] + [f'--out_dir={one}'])
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    r = subprocess.run([torchrun if os.path.exists(torchrun) else 'torchrun', '--standalone',
+                        '--nproc_per_node=2', 'train.py', *common, f'--out_dir={two}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    l1, l2 = train_losses(one), train_losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    for k in l1:
+        assert l2[k] == pytest.approx(l1[k], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--dataset=nope'], ['python prepare.py nope']),
+    (['--init_from=resume'], ['no checkpoint to resume']),
+    (['--n_embd=30', '--n_head=4'], ['n_embd']),
+    (['--dtype=float8'], ['dtype']),
+    (['--block_size=5000'], ['block_size']),
+])
+def test_bad_input_exits_2_with_one_line(tiny_data, tmp_path, args, words):
+    data = [] if args[0].startswith('--dataset') else [f'--data_dir={tiny_data}']
+    r = run_train(data + [f'--out_dir={tmp_path / "o"}', '--max_iters=1', *args], check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error:'), r.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_data, tmp_path):
+    out = tmp_path / 'o'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(b'not a checkpoint')
+    r = run_train([f'--data_dir={tiny_data}', f'--out_dir={out}', '--init_from=resume'], check=False)
+    assert r.returncode == 2 and 'cannot read checkpoint' in r.stderr
+
+
+def test_overfit_one_batch():
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=64, bias=False))
+    x = torch.randint(0, 64, (4, 16))
+    y = torch.randint(0, 64, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05

@@ -1,0 +1,428 @@
+"""
+Train a GPT. One process on a laptop CPU or a GPU:
+    python train.py config/train_shakespeare_char.py --max_iters=2000
+Many processes with DDP (gloo on CPU, nccl on GPU):
+    torchrun --standalone --nproc_per_node=2 train.py config/speedrun.py
+Every global below is a config key (see `python train.py --help`), and so is every field of
+GPTConfig in model.py: a model flag is set with `--pos_emb=rope` and needs no code here.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from configurator import configure, save_json
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'
+eval_interval = 250       # evaluate (and checkpoint) every N iterations
+log_interval = 10         # print a line every N iterations
+eval_iters = 20           # batches per split in each evaluation (the same fixed batches every time)
+eval_only = False         # evaluate once and exit
+init_from = 'scratch'     # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+always_save_checkpoint = True  # ckpt.pt at every eval (latest, for resume) + best.pt on improvement;
+                               # False: ckpt.pt only when val improves (nanoGPT)
+early_stop_patience = 0   # stop after N evals without val improvement; 0 = never
+# data
+dataset = 'plays'         # data/<dataset>/ made by `python prepare.py <dataset>`
+data_dir = ''             # overrides data/<dataset>
+batch_size = 12           # micro-batch size per process
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all processes
+tokens_per_step = 0       # if > 0, derive gradient_accumulation_steps from this global batch in tokens
+# model: classic GPT-2 (every other GPTConfig field is a key too, with its model.py default)
+n_layer = 6
+n_head = 6
+n_embd = 384
+block_size = 256
+dropout = 0.0
+bias = False
+dropout_schedule = ()     # (initial, final, at_progress): switch every dropout at that fraction of training
+label_smoothing = 0.0
+# optimizer: AdamW with decay on matrices only
+learning_rate = 6e-4
+max_iters = 5000
+weight_decay = 0.1
+decay_embeddings = False  # embeddings are lookups: decaying them mostly shrinks rare tokens
+betas = (0.9, 0.95)
+eps = 1e-8
+grad_clip = 1.0           # 0 = off
+# schedule: linear warmup, then cosine down to min_lr at lr_decay_iters
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 0        # 0 = max_iters
+min_lr = 6e-5
+# system
+device = 'auto'           # auto = cuda > mps > cpu
+dtype = 'auto'            # auto = bf16 where the hardware does it fast, fp16 on old GPUs, else fp32
+compile = False           # torch.compile the model
+profile = False           # run a few steps under torch.profiler, write out_dir/trace.json, exit
+seed = 1337
+# -----------------------------------------------------------------------------
+globals().update({f.name: f.default for f in fields(GPTConfig) if f.name not in globals()})
+config = configure(globals())
+
+
+def die(msg):
+    """A user mistake: one line, exit code 2."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# distributed setup -------------------------------------------------------------
+ddp = int(os.environ.get('RANK', -1)) != -1
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+if ddp:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else device
+
+
+def cpu_has_fast_bf16():
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+if dtype == 'auto':
+    if device_type == 'cuda':
+        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    elif device_type == 'cpu' and cpu_has_fast_bf16():
+        dtype = 'bfloat16'
+    else:
+        dtype = 'float32'  # e.g. AVX2-only CPUs, where bf16 matmuls are emulated and slow
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    die(f"dtype must be auto|float32|bfloat16|float16, got '{dtype}'")
+ptdtype = getattr(torch, dtype)
+# autocast: matmuls in low precision, master weights and optimizer state stay fp32
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+
+if tokens_per_step > 0:
+    gradient_accumulation_steps = max(1, round(tokens_per_step / (batch_size * block_size)))
+if gradient_accumulation_steps % world_size:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+        f"{world_size} processes")
+micro_steps = gradient_accumulation_steps // world_size  # per process
+lr_decay_iters = lr_decay_iters or max_iters
+torch.manual_seed(seed + rank)  # dropout differs per rank; data sampling below does not
+
+# data -------------------------------------------------------------------------
+data_dir = data_dir or os.path.join('data', dataset)
+meta_path = os.path.join(data_dir, 'meta.json')
+if not os.path.isfile(meta_path):
+    die(f"dataset '{dataset}' is not prepared ({meta_path} missing); run: python prepare.py {dataset}")
+with open(meta_path) as f:
+    meta = json.load(f)
+vocab_size = config['vocab_size'] = meta['vocab_size']  # the tokenizer decides the vocabulary
+splits = {}
+for split in ('train', 'val'):
+    tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.dtype(meta['dtype']), mode='r')
+    mask_path = os.path.join(data_dir, f'{split}_mask.bin')
+    mask = np.memmap(mask_path, dtype=np.uint8, mode='r') if os.path.isfile(mask_path) else None
+    if len(tokens) <= block_size + 1:
+        die(f"{split} split of '{dataset}' has {len(tokens)} tokens, fewer than block_size+2="
+            f"{block_size + 2}; lower --block_size or use more data")
+    splits[split] = (tokens, mask)
+    if master:
+        counted = f", {int(mask.sum()):,} counted by the loss mask" if mask is not None else ""
+        print(f"{split}: {len(tokens):,} tokens{counted}")
+if int(splits['val'][0][:100_000].max()) >= vocab_size:
+    die(f"token ids in {data_dir} exceed vocab_size={vocab_size}; re-run prepare.py")
+
+
+def get_batch(split, ix):
+    """Windows starting at offsets ix -> (x, y, loss_mask or None) on the device."""
+    tokens, mask = splits[split]
+    x = torch.stack([torch.from_numpy(tokens[i:i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    m = None  # mask[i+1] says whether target token i+1 counts
+    if mask is not None:
+        m = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + block_size].astype(np.float32)) for i in ix])
+    if device_type == 'cuda':
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        m = m.pin_memory().to(device, non_blocking=True) if m is not None else None
+    else:
+        x, y, m = x.to(device), y.to(device), (m.to(device) if m is not None else None)
+    return x, y, m
+
+
+# One generator for the data, identical on every rank: each step draws the offsets of the whole
+# global batch and a rank takes its slice, so N processes see exactly the batches 1 process sees,
+# and its state in the checkpoint is the data position for an exact resume.
+data_gen = torch.Generator().manual_seed(seed)
+
+
+def draw_offsets():
+    high = len(splits['train'][0]) - block_size - 1
+    ix = torch.randint(high, (gradient_accumulation_steps, batch_size), generator=data_gen)
+    return ix[rank * micro_steps:(rank + 1) * micro_steps].tolist()
+
+
+# model ------------------------------------------------------------------------
+iter_num, best_val_loss, evals_without_improvement = 0, float('inf'), 0
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
+checkpoint = None
+if init_from == 'resume':
+    if not os.path.isfile(ckpt_path):
+        die(f"no checkpoint to resume from at {ckpt_path}; train with --init_from=scratch first")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        model_args = checkpoint['model_args']  # the architecture comes from the checkpoint
+    except Exception as e:
+        die(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}")
+elif init_from != 'scratch':
+    die(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+try:
+    model = GPT(GPTConfig(**model_args))
+except (ValueError, AssertionError, TypeError) as e:
+    die(f"bad model config: {e}")
+if checkpoint is not None:
+    model.load_state_dict(checkpoint['model'])
+model.to(device)
+if master:
+    print(f"device {device}, dtype {dtype}, {world_size} process(es), {micro_steps} micro-step(s) of "
+          f"{batch_size}x{block_size} tokens per process per step")
+    print(f"parameters: {model.num_params():,} (non-embedding), active per token: "
+          f"{model.num_active_params():,}")
+
+# optimizer: decay matrices (weights of Linear layers), not biases/norm gains/embeddings
+param_dict = {n: p for n, p in model.named_parameters() if p.requires_grad}
+is_embedding = lambda n: n.startswith(('transformer.wte.', 'transformer.wpe.'))
+decay = [p for n, p in param_dict.items() if p.dim() >= 2 and (decay_embeddings or not is_embedding(n))]
+decay_ids = {id(p) for p in decay}
+no_decay = [p for p in param_dict.values() if id(p) not in decay_ids]
+groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+fused = device_type == 'cuda'  # the fused kernel is CUDA-only; foreach is the CPU default
+optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
+    data_gen.set_state(checkpoint['data_rng'])
+    rng_states = (checkpoint['cpu_rng'], checkpoint.get('cuda_rng'))  # restored just before the loop
+    if master:
+        print(f"resumed from {ckpt_path} at iter {iter_num}")
+checkpoint = None  # free memory
+
+raw_model = model  # the unwrapped model: what we save and what exposes helpers
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+
+def get_lr(it):
+    """Linear warmup from lr/warmup (never 0) to lr, then cosine down to min_lr."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def get_dropout(it):
+    """dropout_schedule=(initial, final, at): `initial` before at*max_iters, `final` after."""
+    if not dropout_schedule:
+        return model_args['dropout']
+    initial, final, at = dropout_schedule
+    return initial if it < at * max_iters else final
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss per split over eval_iters fixed batches, shared out across ranks."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        gen = torch.Generator().manual_seed(seed + 1)  # the same batches at every eval
+        high = len(splits[split][0]) - block_size - 1
+        total = torch.zeros(2, device=device)
+        for k in range(eval_iters):
+            ix = torch.randint(high, (batch_size,), generator=gen).tolist()
+            if k % world_size != rank:
+                continue
+            x, y, m = get_batch(split, ix)
+            with ctx:
+                _, loss = raw_model(x, y, loss_mask=m)
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def save_checkpoint(path):
+    ckpt = {
+        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+        'model_args': model_args, 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+        'evals_without_improvement': evals_without_improvement, 'data_rng': data_gen.get_state(),
+        'cpu_rng': torch.get_rng_state(),
+        'cuda_rng': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+    }
+    torch.save(ckpt, path + '.tmp')
+    os.replace(path + '.tmp', path)  # atomic: a crash never leaves half a checkpoint
+
+
+# peak FLOP/s for MFU: a table on GPU, a short matmul measurement on CPU (bench.py does it properly)
+def peak_flops():
+    if device_type == 'cuda':
+        name = torch.cuda.get_device_name()
+        return 989e12 if 'H100' in name or 'H200' in name else 312e12  # dense bf16 (A100 otherwise)
+    a = torch.ones(512, 512, device=device)
+    b = torch.ones(512, 512, device=device)
+    with ctx:
+        a @ b
+        t, n = time.time(), 0
+        while time.time() - t < 0.2:
+            a @ b
+            n += 1
+    return 2 * 512 ** 3 * n / (time.time() - t)
+
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print("config:", json.dumps(config, default=str))
+    save_json(config, os.path.join(out_dir, 'config.json'))
+    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w')
+flops_per_iter = raw_model.flops_per_token() * gradient_accumulation_steps * batch_size * block_size
+peak = peak_flops()
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+bytes_per_token = meta.get('bytes_per_token') or 0
+
+
+def log(record):
+    if master:
+        log_file.write(json.dumps(record) + '\n')
+        log_file.flush()
+
+
+# training loop ----------------------------------------------------------------
+prof = None
+if profile:
+    from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    prof = torch_profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=3), record_shapes=True)
+    prof.start()
+    max_iters = iter_num + 5
+if init_from == 'resume':  # dropout masks continue exactly where the stopped run left them
+    torch.set_rng_state(rng_states[0])
+    if device_type == 'cuda' and rng_states[1] is not None:
+        torch.cuda.set_rng_state(rng_states[1])
+t0, t_start, mfu = time.time(), time.time(), -1.0
+current_dropout = None
+while True:
+    lr = get_lr(iter_num)
+    for g in optimizer.param_groups:
+        g['lr'] = lr
+    if get_dropout(iter_num) != current_dropout:
+        current_dropout = get_dropout(iter_num)
+        raw_model.set_dropout(current_dropout)
+        if master and dropout_schedule:
+            print(f"iter {iter_num}: dropout -> {current_dropout}")
+
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not profile:
+        losses = estimate_loss()
+        val_bpb = losses['val'] / math.log(2) / bytes_per_token if bytes_per_token else None
+        improved = losses['val'] < best_val_loss
+        if improved:
+            best_val_loss, evals_without_improvement = losses['val'], 0
+        elif iter_num > 0:
+            evals_without_improvement += 1
+        if master:
+            bpb = f", val bpb {val_bpb:.4f}" if val_bpb else ""
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                  f"val ppl {math.exp(min(losses['val'], 50)):.2f}{bpb}")
+            log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
+                 'val_ppl': math.exp(min(losses['val'], 50)), 'val_bpb': val_bpb, 'lr': lr,
+                 'dropout': current_dropout, 'time': time.time() - t_start,
+                 'moe_load': [s['load'] for s in raw_model.moe_stats()]})
+            if iter_num > 0 and not eval_only:
+                if improved or always_save_checkpoint:
+                    save_checkpoint(ckpt_path)
+                if improved and always_save_checkpoint:
+                    save_checkpoint(os.path.join(out_dir, 'best.pt'))
+        if eval_only:
+            break
+        if early_stop_patience and evals_without_improvement >= early_stop_patience:
+            if master:
+                print(f"early stop: val loss has not improved for {early_stop_patience} evals")
+            break
+    if iter_num >= max_iters:
+        break
+
+    # one optimizer step: micro_steps forward/backward passes, gradients synced on the last one
+    offsets = draw_offsets()
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(micro_steps):
+        if ddp:
+            model.require_backward_grad_sync = micro_step == micro_steps - 1
+        x, y, m = get_batch('train', offsets[micro_step])
+        with ctx:
+            _, loss = model(x, y, loss_mask=m, label_smoothing=label_smoothing)
+            loss = loss / gradient_accumulation_steps * world_size  # DDP averages over ranks
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if prof is not None:
+        prof.step()
+
+    t1 = time.time()
+    dt, t0 = t1 - t0, t1
+    iter_num += 1
+    if iter_num % log_interval == 0:
+        if ddp:
+            dist.all_reduce(loss_sum)  # gloo has no AVG
+        lossf = loss_sum.item() / world_size
+        if master:
+            tok_s = tokens_per_iter / dt
+            mfu = flops_per_iter / dt / peak if iter_num > 1 else mfu
+            aux = ''.join(f", {k} {float(v):.4f}" for k, v in raw_model.aux_losses.items())
+            print(f"iter {iter_num}: loss {lossf:.4f}{aux}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
+                  f"{tok_s:,.0f} tok/s, mfu {mfu * 100:.2f}%")
+            log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'dropout': current_dropout, 'ms': dt * 1000,
+                 'tok_s': tok_s, 'mfu': mfu, 'time': t1 - t_start,
+                 **{k: float(v) for k, v in raw_model.aux_losses.items()}})
+
+if prof is not None:
+    prof.stop()
+    if master:
+        prof.export_chrome_trace(os.path.join(out_dir, 'trace.json'))
+        sort = 'cuda_time_total' if device_type == 'cuda' else 'cpu_time_total'
+        print(prof.key_averages().table(sort_by=sort, row_limit=20))
+if master:
+    print(f"done: {iter_num} iters in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}")
+    log_file.close()
+if ddp:
+    dist.destroy_process_group()
