@@ -113,6 +113,7 @@ if dtype == 'auto':
         dtype = 'float32'  # e.g. AVX2-only CPUs, where bf16 matmuls are emulated and slow
 if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype must be auto|float32|bfloat16|float16, got '{dtype}'")
+config['device'], config['dtype'] = device, dtype  # record what 'auto' resolved to
 ptdtype = getattr(torch, dtype)
 # autocast: matmuls in low precision, master weights and optimizer state stay fp32
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)

