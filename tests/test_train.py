@@ -174,3 +174,48 @@ def test_overfit_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
+
+
+def train_defaults():
+    """train.py's config keys and defaults, read from its source (its globals are all literals)."""
+    import ast
+    from dataclasses import fields
+    from model import GPTConfig
+    defaults = {f.name: f.default for f in fields(GPTConfig)}
+    for node in ast.parse(open(os.path.join(ROOT, 'train.py')).read()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return defaults
+
+
+def build_from_recipes(*paths, **overrides):
+    from dataclasses import fields
+    from configurator import parse
+    from model import GPT, GPTConfig
+    cfg = parse([os.path.join(ROOT, p) for p in paths], train_defaults())
+    cfg.update(overrides)
+    with torch.device('meta'):  # count parameters without allocating them
+        return GPT(GPTConfig(**{f.name: cfg[f.name] for f in fields(GPTConfig)})), cfg
+
+
+def test_every_recipe_parses_with_train_keys():
+    import glob
+    for path in sorted(glob.glob(os.path.join(ROOT, 'config', '*.py'))):
+        from configurator import parse
+        parse([path], train_defaults())  # unknown keys or wrong types raise
+
+
+def test_exp2_recipe_builds_the_documented_size():
+    model, cfg = build_from_recipes('config/exp2_chatml.py', vocab_size=4096)
+    assert (cfg['n_layer'], cfg['n_embd'], cfg['n_head']) == (24, 768, 12)
+    assert cfg['pos_emb'] == 'rope' and cfg['qk_norm'] and cfg['emb_norm'] and cfg['norm'] == 'rmsnorm_noparam'
+    assert cfg['mlp'] == 'relu2' and cfg['logit_softcap'] == 15.0 and cfg['tie_weights'] and cfg['zero_init']
+    assert cfg['betas'] == (0.8, 0.95) and cfg['eps'] == 1e-10 and cfg['dropout_schedule'] == (0.0, 0.05, 0.6)
+    # 24 blocks of 12*d^2 (attention 4d^2 + ReLU^2 MLP 8d^2; no biases, no norm weights) + tied embedding
+    d = 768
+    assert model.num_params(non_embedding=False) == 24 * 12 * d * d + 4096 * d == 173_015_040
+    small, _ = build_from_recipes('config/exp2_chatml.py', 'config/exp2_chatml_cpu.py', vocab_size=4096)
+    assert small.num_params(non_embedding=False) == 4 * 12 * 256 * 256 + 4096 * 256
