@@ -219,3 +219,30 @@ def test_exp2_recipe_builds_the_documented_size():
     assert model.num_params(non_embedding=False) == 24 * 12 * d * d + 4096 * d == 173_015_040
     small, _ = build_from_recipes('config/exp2_chatml.py', 'config/exp2_chatml_cpu.py', vocab_size=4096)
     assert small.num_params(non_embedding=False) == 4 * 12 * 256 * 256 + 4096 * 256
+
+
+def test_masked_chat_loss_ignores_user_turn_targets(tmp_path):
+    """ChatML data from prepare.py: with the loss mask, changing user-turn targets leaves the loss unchanged."""
+    import prepare
+    from model import GPT, GPTConfig
+    r = subprocess.run([sys.executable, 'prepare.py', 'synth', '--source=local', '--n_samples=200', '--vocab_size=512',
+                        f'--out={tmp_path / "synth"}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    tok = prepare.load_tokenizer(str(tmp_path / 'synth'))
+    ids, mask = prepare.encode_chatml(tok, 'What is 2+3?', '<think>2 plus 3 is 5</think>\n5')
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    m = torch.tensor([mask[1:]], dtype=torch.float32)  # mask[i+1] says whether target i+1 counts
+    assert 0 < m.sum() < m.numel()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    _, loss = model(x, y, loss_mask=m)
+    y2 = torch.where(m.bool(), y, (y + 7) % tok.vocab_size)  # scramble every user-side target
+    _, loss2 = model(x, y2, loss_mask=m)
+    assert torch.equal(loss, loss2)
+    y3 = torch.where(m.bool(), (y + 7) % tok.vocab_size, y)  # scrambling assistant targets does change it
+    assert not torch.equal(loss, model(x, y3, loss_mask=m)[1])
+    # and train.py runs the exp2 recipe on this data (tiny overrides), reporting masked token counts
+    r = run_train([f'--data_dir={tmp_path / "synth"}', 'config/exp2_chatml.py', 'config/exp2_chatml_cpu.py',
+                   f'--out_dir={tmp_path / "o"}', '--n_layer=1', '--n_embd=32', '--n_head=2', '--max_iters=3',
+                   '--eval_iters=2', '--block_size=64', '--batch_size=2', '--dtype=float32'])
+    assert 'counted by the loss mask' in r.stdout and 'dropout -> 0.05' in r.stdout
