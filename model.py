@@ -591,9 +591,10 @@ class ContiguousKVCache:
             if bufs is None:
                 continue
             idx = indices.to(bufs[0].device)
-            if len(idx) == bufs[0].size(0):
+            if len(idx) == bufs[0].size(0):  # in place, moving only the rows that change
+                moved = (idx != torch.arange(len(idx), device=idx.device)).nonzero().flatten()
                 for b in bufs:
-                    b[:, :L] = b[idx, :L]
+                    b[moved, :L] = b[idx[moved], :L]
             else:
                 self.bufs[layer] = [b.new_zeros((len(idx),) + b.shape[1:]) for b in bufs]
                 for n, b in zip(self.bufs[layer], bufs):
@@ -703,21 +704,23 @@ class PagedKVCache:
                 old, table[j] = table[j], self._alloc()
                 for pools in self.pools:
                     for p in pools or ():
-                        p[table[j]] = p[old]
+                        p[table[j], :L % page] = p[old, :L % page]
                 self._decref(old)
             while len(table) * page < L + T:
                 table.append(self._alloc())
-        tab = torch.tensor([[-1 if b is None else b for b in t] for t in self.tables], dtype=torch.long)
+        tab = torch.tensor([[2**62 if b is None else b for b in t] for t in self.tables], dtype=torch.long)
         new = torch.arange(L, L + T)
-        n_sink = min(self.sinks, L) if self.keep else 0
+        n_sink = min(self.sinks, L) if self.keep else 0  # streaming keeps the first S tokens + the newest
         vis = torch.cat([torch.arange(n_sink), torch.arange(L - (self.seq_len - n_sink), L + T)])
-        ids = tab[:, vis // page]         # (B, T_visible) block id of each visible token
-        n_host = int((ids[0] < 0).sum())  # offloaded blocks are the oldest: the same prefix in every row
+        blocks = torch.unique(vis // page)  # logical blocks holding visible tokens, in order
+        ids = tab[:, blocks]                # (B, n_blocks) physical ids; offloaded (< 0) ones come first
+        n_host = int((ids[0] < 0).sum())
         hosted = sorted(set(ids[:, :n_host].flatten().tolist()))
-        slot = {h: i for i, h in enumerate(hosted)}
+        local = torch.searchsorted(blocks, vis // page) * page + vis % page  # visible token -> gathered slot
         self._plan = dict(w_blk=tab[:, new // page].to(device), w_off=(new % page).to(device),
-                          r_blk=ids[:, n_host:].to(device), r_off=(vis[n_host:] % page).to(device), hosted=hosted,
-                          h_blk=ids[:, :n_host].clone().apply_(slot.get).to(device), h_off=(vis[:n_host] % page).to(device))
+                          dev=ids[:, n_host:].flatten().to(device), hosted=hosted,
+                          host=ids[:, :n_host].clone().apply_({h: i for i, h in enumerate(hosted)}.get).flatten(),
+                          n_vis=len(vis), local=None if torch.equal(local, torch.arange(len(vis))) else local.to(device))
 
     def update(self, layer, *xs):
         T, device = xs[0].size(1), self.device or xs[0].device
@@ -728,14 +731,16 @@ class PagedKVCache:
                                              device=device) for x in xs]
         if layer == 0:
             self._prepare(T, device)
-        plan, out = self._plan, []
+        plan, out, B = self._plan, [], xs[0].size(0)
         for k, (p, x) in enumerate(zip(self.pools[layer], xs)):
             p[plan['w_blk'], plan['w_off']] = x.to(p.dtype)
-            y = p[plan['r_blk'], plan['r_off']]
-            if plan['hosted']:  # bring the offloaded blocks back for this gather only
-                staged = torch.stack([self.host[h][layer][k] for h in plan['hosted']]).to(device, non_blocking=True)
-                y = torch.cat([staged[plan['h_blk'], plan['h_off']], y], dim=1)
-            out.append(y)
+            y = p.index_select(0, plan['dev']).view(B, -1, *p.shape[2:])  # whole blocks: plain memcpy
+            if plan['hosted']:  # bring the offloaded blocks back for this gather only (async from pinned memory)
+                staged = p.new_empty((len(plan['hosted']),) + p.shape[1:])
+                for i, h in enumerate(plan['hosted']):
+                    staged[i].copy_(self.host[h][layer][k], non_blocking=True)
+                y = torch.cat([staged.index_select(0, plan['host'].to(device)).view(B, -1, *p.shape[2:]), y], dim=1)
+            out.append(y[:, :plan['n_vis']] if plan['local'] is None else y.index_select(1, plan['local']))
         if layer == self.n_layer - 1:
             self.pos, self.seq_len = self.pos + T, self.seq_len + T
         return tuple(out)

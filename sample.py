@@ -1,0 +1,450 @@
+"""
+Sample from a trained model:
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
+    python sample.py --out_dir=out-x --strategy=beam --beam_size=4 --length_penalty=0.6
+    python sample.py --out_dir=out-exp2 --chat            # interactive ChatML chat (--prompt="..." for one turn)
+Decoding strategies are plain functions on logits (B, V); `generate` and `beam_search` run them on a
+KV cache (model.py); the CLI at the bottom only wires config keys to them. Formulas: REFERENCE.md §12.
+"""
+import os
+import sys
+from collections import Counter
+from contextlib import nullcontext
+
+import torch
+
+# -----------------------------------------------------------------------------
+# decoding strategies: functions on logits (B, V) -> logits (B, V), masked entries set to -inf
+
+def apply_repetition_penalty(logits, history, penalty):
+    """CTRL (Keskar et al. 2019) with the HF sign fix: every token id present in `history` (B, T), prompt
+    included, gets its logit divided by `penalty` when positive and multiplied when negative, once."""
+    if penalty == 1.0 or history.size(1) == 0:
+        return logits
+    score = logits.gather(1, history)
+    return logits.scatter(1, history, torch.where(score > 0, score / penalty, score * penalty))
+
+
+def apply_frequency_presence(logits, counts, frequency, presence):
+    """OpenAI convention: logit_j -= c_j * frequency + [c_j > 0] * presence, where c_j (B, V) counts the
+    tokens *generated* so far (the prompt does not count)."""
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def ban_repeated_ngrams(logits, seqs, n):
+    """No n-gram twice (HF NoRepeatNGram): ban every token that would complete an n-gram already in the
+    row's sequence (prompt + generated), keyed on its last n-1 tokens. `seqs` is a list of token lists."""
+    if n <= 0:
+        return logits
+    logits = logits.clone()
+    for b, seq in enumerate(seqs):
+        if len(seq) < n - 1:
+            continue
+        key = tuple(seq[len(seq) - n + 1:])
+        banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == key]
+        logits[b, banned] = float('-inf')
+    return logits
+
+
+def top_k_filter(logits, k):
+    """Keep the logits >= the k-th largest; ties at the boundary are all kept (nanoGPT/HF)."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float('-inf'))
+
+
+def top_p_filter(logits, p):
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most probable tokens whose
+    probabilities sum to >= p. Tokens tied with the last kept one are kept too (the set does not depend on
+    the sort order), and the top token always survives, even for p = 0."""
+    if p >= 1.0:
+        return logits
+    probs = logits.softmax(-1)
+    sorted_probs = probs.sort(-1, descending=True).values
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs     # mass of the tokens ranked above each one
+    n_keep = (mass_before < p).sum(-1, keepdim=True).clamp(min=1)
+    return logits.masked_fill(probs < sorted_probs.gather(-1, n_keep - 1), float('-inf'))
+
+
+def min_p_filter(logits, min_p):
+    """Min-p (Nguyen et al. 2024): drop tokens with p < min_p * p_max; the top token always survives."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float('-inf'))
+
+
+def process_logits(logits, seqs=None, counts=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                   repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, no_repeat_ngram=0):
+    """The HF order: penalties and bans on raw logits, then temperature, then the top-k/top-p/min-p filters
+    (temperature first matters for top-p and min-p; top-k is invariant to it). temperature 0 = greedy."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, torch.tensor(seqs, device=logits.device), repetition_penalty)
+    if counts is not None:
+        logits = apply_frequency_presence(logits, counts, frequency_penalty, presence_penalty)
+    logits = ban_repeated_ngrams(logits, seqs, no_repeat_ngram)
+    if temperature > 0:
+        logits = logits / temperature
+    return min_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), min_p)
+
+
+def choose(logits, strategy='sample', temperature=1.0, generator=None):
+    """Greedy = argmax (also for temperature 0, no division by zero); sample = draw from softmax(logits)."""
+    if strategy == 'greedy' or temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# running the model: one prefill, then one token per row per step, on a KV cache or by re-running everything
+
+def start_decoding(model, prompt, max_len, kv_cache='contiguous', page_size=256, offload=False):
+    """Run the prompt (list of ids) once. Returns (logits (1, V) for the next token, step) where
+    step(rows, tokens) appends tokens (B,) to the rows `rows` (B,) of the current batch: rows picks beam
+    parents, expands one prompt to n samples (rows = zeros(n)) or drops finished rows (the cache reorders
+    them: a paged cache shares blocks, copy-on-write). kv_cache='none' re-runs the full context, the reference."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    c = model.config
+    if kv_cache != 'none' and c.pos_emb == 'learned' and not c.sliding_window and max_len > c.block_size:
+        print(f"note: learned positions end at block_size={c.block_size} < {max_len} tokens: re-running the "
+              f"last {c.block_size} tokens for each new one (kv_cache='none', as nanoGPT)", file=sys.stderr)
+        kv_cache = 'none'
+    if kv_cache == 'none':
+        state = {'hist': idx}
+
+        def step(rows, tokens):  # nanoGPT: crop the context to the last block_size tokens
+            state['hist'] = torch.cat([state['hist'][rows.to(device)], tokens.view(-1, 1).to(device)], dim=1)
+            return model(state['hist'][:, -c.block_size:])[0][:, -1]
+        step.cache = None
+        return model(idx[:, -c.block_size:])[0][:, -1], step
+    cache = model.make_kv_cache(1, max_len, kind=kv_cache, page_size=page_size, offload=offload, device=device)
+
+    def step(rows, tokens):
+        if len(rows) != cache.batch_size or not torch.equal(rows.cpu(), torch.arange(len(rows))):
+            cache.reorder(rows.to(device))
+        return model(tokens.view(-1, 1).to(device), kv_cache=cache)[0][:, -1]
+    step.cache = cache
+    return model(idx, kv_cache=cache)[0][:, -1], step
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, num_samples=1, strategy='sample', temperature=1.0, seed=None,
+             stop_ids=(), on_token=None, kv_cache='contiguous', page_size=256, offload=False, **knobs):
+    """Generate num_samples continuations of `prompt` (list of ids) as one batch; returns token lists
+    (stop tokens excluded). on_token(row, token) streams each token as it comes; if it returns True the row
+    stops (used for stop strings). knobs: top_k, top_p, min_p, repetition_penalty, frequency_penalty,
+    presence_penalty, no_repeat_ngram (see process_logits)."""
+    logits, step = start_decoding(model, prompt, len(prompt) + max_new_tokens, kv_cache, page_size, offload)
+    generator = torch.Generator(device=logits.device)
+    generator.manual_seed(seed) if seed is not None else generator.seed()
+    penalize = knobs.get('frequency_penalty', 0.0) != 0.0 or knobs.get('presence_penalty', 0.0) != 0.0
+    counts = torch.zeros(num_samples, logits.size(-1), device=logits.device) if penalize else None
+    out = [[] for _ in range(num_samples)]
+    alive = list(range(num_samples))              # original row of each row of the batch
+    rows = torch.zeros(num_samples, dtype=torch.long)  # cache row each row extends: first the one prompt row
+    logits = logits.expand(num_samples, -1)
+    for _ in range(max_new_tokens):
+        seqs = [prompt + out[r] for r in alive]
+        logits = process_logits(logits, seqs, counts, temperature, **knobs)
+        tokens = choose(logits, strategy, temperature, generator)
+        keep = []
+        for i, (r, t) in enumerate(zip(alive, tokens.tolist())):
+            if t in stop_ids:
+                continue
+            out[r].append(t)
+            if not (on_token and on_token(r, t)):
+                keep.append(i)
+        if counts is not None:
+            counts.scatter_add_(1, tokens.view(-1, 1), torch.ones_like(counts[:, :1]))
+            counts = counts[keep]
+        alive = [alive[i] for i in keep]
+        if not alive or len(out[alive[0]]) == max_new_tokens:
+            break
+        logits = step(rows[keep], tokens[keep])  # finished rows leave the batch (their blocks are freed)
+        rows = torch.arange(len(keep))
+    return out
+
+
+def sequence_score(sum_logprob, length, length_penalty):
+    """Beam hypothesis score (HF): sum of log-probs / generated_length ** length_penalty (alpha).
+    alpha = 0 ranks by raw sum; alpha > 0 favours longer outputs (log-probs are < 0), alpha < 0 shorter."""
+    return sum_logprob / length ** length_penalty
+
+
+@torch.no_grad()
+def beam_search(model, prompt, max_new_tokens, beam_size=4, length_penalty=1.0, early_stopping=False,
+                eos_ids=(), n_best=None, kv_cache='contiguous', page_size=256, offload=False):
+    """Beam search with all beams as one batch on the cache. Returns up to n_best (default beam_size)
+    (tokens, score) pairs, best first; a hypothesis' length counts its generated tokens including EOS.
+    An EOS extension that ranks among the beam_size best extensions joins the finished pool (the best
+    beam_size are kept); the other extensions compete for the running beams. early_stopping (HF): True stops when
+    beam_size hypotheses are finished; False when the best running beam, scored at the current length,
+    cannot beat the worst finished one (a heuristic); 'never' uses the exact bound (with alpha > 0 a running
+    beam may still gain from growing to max_new_tokens)."""
+    K, eos = beam_size, list(eos_ids)
+    logits, step = start_decoding(model, prompt, len(prompt) + max_new_tokens, kv_cache, page_size, offload)
+    beams, sums = [[]], torch.zeros(1, device=logits.device)
+    finished = []  # (score, tokens)
+    for t in range(1, max_new_tokens + 1):
+        cand = sums[:, None] + logits.float().log_softmax(-1)   # (beams, V) total log-prob of each extension
+        kth = cand.flatten().topk(min(K, cand.numel())).values[-1]
+        for e in eos:  # an EOS extension among the K best extensions finishes a hypothesis (HF)
+            finished += [(sequence_score(s, t, length_penalty), b + [e])
+                         for b, s in zip(beams, cand[:, e].tolist()) if s >= kth]
+        finished = sorted(finished, key=lambda f: -f[0])[:K]
+        cand[:, eos] = float('-inf')
+        sums, flat = cand.flatten().topk(min(K, cand.numel() - len(eos) * len(beams)))
+        parents, tokens = flat // cand.size(1), flat % cand.size(1)
+        if len(parents) == len(beams):  # put each beam in its parent's row where possible: less cache to move
+            first, extra = {}, []
+            for j, p in enumerate(parents.tolist()):
+                extra.append(j) if p in first else first.setdefault(p, j)
+            order = torch.tensor([first[r] if r in first else extra.pop() for r in range(len(beams))])
+            sums, parents, tokens = (x[order.to(x.device)] for x in (sums, parents, tokens))
+        beams = [beams[p] + [tok] for p, tok in zip(parents.tolist(), tokens.tolist())]
+        if len(finished) == K and t < max_new_tokens:
+            alpha, best = length_penalty, sums.max().item()
+            horizon = max_new_tokens if early_stopping == 'never' and alpha > 0 else t
+            if early_stopping is True or finished[-1][0] >= sequence_score(best, horizon, alpha):
+                break  # done: the running beams cannot (or, by the heuristic, will not) do better
+        if t == max_new_tokens:  # out of length: the running beams are finished hypotheses too
+            finished += [(sequence_score(s, t, length_penalty), b) for b, s in zip(beams, sums.tolist())]
+        else:
+            logits = step(parents, tokens)
+    finished.sort(key=lambda f: -f[0])
+    return [(toks, score) for score, toks in finished[:n_best or K]]
+
+
+# -----------------------------------------------------------------------------
+# self-consistency (Wang et al. 2022): N sampled reasoning paths, majority vote on the final answers
+
+def extract_answer(text):
+    """The final answer of a completion, by the rule the dataset's answers are checked with (prepare.py):
+    the first non-empty line after the last </think>, before <|im_end|>."""
+    from prepare import extract_answer as extract
+    return extract(text)
+
+
+def majority_vote(answers):
+    """(most frequent answer, Counter); a tie goes to the answer that came first, so the vote is deterministic."""
+    votes = Counter(answers)
+    return next(a for a in answers if votes[a] == max(votes.values())), votes
+
+
+def self_consistent_answer(model, tok, prompt, n=5, extract=extract_answer, **gen):
+    """Sample n completions of `prompt` (ids) in one batch and vote: returns (answer, votes, texts)."""
+    texts = [tok.decode(o) for o in generate(model, prompt, num_samples=n, **gen)]
+    answer, votes = majority_vote([extract(t) for t in texts])
+    return answer, votes, texts
+
+
+# -----------------------------------------------------------------------------
+# ChatML (REFERENCE §15) and streaming text output
+
+def chat_prompt_ids(tok, history, user):
+    """The ids of the conversation so far + a new user turn + the assistant header, encoded exactly as the
+    training data (prepare.encode_chatml: user text as ordinary text, so typing "<|im_end|>" cannot inject
+    the special token). `history` holds the ids of earlier turns, each ending with <|im_end|>."""
+    from prepare import encode_chatml
+    return history + (tok.encode("\n") if history else []) + encode_chatml(tok, user)[0]
+
+
+class TextStream:
+    """Decodes one row's tokens incrementally and prints the new text (holding back a split UTF-8 character);
+    hides the <think>...</think> part unless show_think; reports a stop string (the text is cut before it)."""
+
+    def __init__(self, tok, show=True, show_think=True, stop='', out=sys.stdout):
+        self.tok, self.show, self.show_think, self.stop, self.out = tok, show, show_think, stop, out
+        sp = tok.special_tokens
+        self.think_ids = (sp.get('<think>'), sp.get('</think>'))
+        self.visible, self.printed, self.thinking = [], 0, False
+
+    def __call__(self, token):
+        """Add a token; True when a stop string appeared."""
+        if token in self.think_ids:
+            self.thinking = token == self.think_ids[0]
+            if not self.show_think:
+                return False
+        if self.show_think or not self.thinking:
+            self.visible.append(token)
+        text = self.tok.decode(self.visible)
+        stopped = bool(self.stop) and self.stop in text
+        text = text.split(self.stop)[0] if stopped else text
+        # hold back a split UTF-8 character, and a tail that may be the start of the stop string
+        hold = 0 if stopped else next((n for n in range(len(self.stop), 0, -1) if text.endswith(self.stop[:n])), 0)
+        upto = len(text) - hold
+        if self.show and upto > self.printed and not text[:upto].endswith('\ufffd'):
+            self.out.write(text[self.printed:upto])
+            self.out.flush()
+            self.printed = upto
+        return stopped
+
+    def finish(self):  # print what was held back for a possible stop string
+        if self.show:
+            self.out.write(self.text()[self.printed:])
+            self.out.flush()
+
+    def text(self):
+        text = self.tok.decode(self.visible)
+        return text.split(self.stop)[0] if self.stop else text
+
+
+# -----------------------------------------------------------------------------
+# CLI: every global below is a config key (`python sample.py --help`); configurator.py applies overrides
+out_dir = 'out'           # directory with ckpt.pt (from train.py)
+start = '\n'              # prompt text, or FILE:path to read it from a file
+num_samples = 1           # samples drawn as one batch (streamed to the terminal when 1)
+max_new_tokens = 500
+strategy = 'sample'       # greedy | sample | beam
+temperature = 0.8         # 0 = greedy
+top_k = 200               # 0 = off; ties at the k-th logit are kept
+top_p = 1.0               # nucleus; 1.0 = off
+min_p = 0.0               # 0 = off; 0.05-0.1 is a common value
+repetition_penalty = 1.0  # CTRL/HF; 1.2 is the paper's suggestion
+frequency_penalty = 0.0   # OpenAI convention, counts generated tokens only
+presence_penalty = 0.0
+no_repeat_ngram = 0       # 0 = off; n = never repeat an n-gram
+stop = ''                 # also stop a sample when its text contains this string; end-of-text always stops
+seed = 1337
+beam_size = 4
+length_penalty = 1.0      # alpha in score = sum logprob / len**alpha; 0 = raw sum, > 0 favours longer
+early_stopping = 'false'  # true | false | never (see beam_search)
+n_best = 1                # beam hypotheses to print, with their scores
+kv_cache = 'contiguous'   # none (re-run the context, the reference) | contiguous | paged
+page_size = 256           # tokens per block of the paged cache
+offload = False           # paged cache: keep only the newest blocks on the device, older ones in CPU memory
+chat = False              # interactive ChatML chat (history kept); /reset clears it, Ctrl-D quits
+prompt = ''               # one chat turn with this user message, then exit
+show_think = False        # chat: print the <think>...</think> part too
+self_consistency = 0      # chat --prompt: sample N answers and print the majority vote
+device = 'auto'           # auto = cuda > mps > cpu
+dtype = 'auto'            # auto = bfloat16 on CUDA when supported, else float32
+compile = False           # torch.compile the model
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load(out_dir, device):
+    """The model and tokenizer of out_dir/ckpt.pt, with a one-line error for a missing or bad checkpoint."""
+    from model import GPT, GPTConfig
+    import prepare
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}: train one first (python train.py ... --out_dir={out_dir})")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        model = GPT(GPTConfig(**ckpt['model_args']))
+        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
+    except Exception as e:
+        die(f"cannot load checkpoint {path}: {type(e).__name__}: {e}")
+    cfg = ckpt.get('config', {})
+    data_dir = cfg.get('data_dir') or os.path.join('data', cfg.get('dataset', ''))
+    try:
+        tok = prepare.load_tokenizer(data_dir)
+    except Exception as e:
+        die(f"cannot load the tokenizer of {data_dir}: {e} (run python prepare.py {cfg.get('dataset', 'NAME')})")
+    return model.eval().to(device), tok
+
+
+def run_chat(model, tok, gen, stop_ids):
+    if '<|im_start|>' not in tok.special_tokens or '<|im_end|>' not in tok.special_tokens:
+        die("this tokenizer has no ChatML tokens <|im_start|>/<|im_end|>: train on a chat dataset (prepare.py synth)")
+    stop_ids = stop_ids + [tok.special_tokens['<|im_end|>']]
+    history = []
+    while True:
+        if prompt:
+            user = prompt
+        else:
+            try:
+                user = input('\n>>> ')
+            except EOFError:
+                return
+            if user.strip() == '/reset':
+                history = []
+                continue
+        try:
+            ids = chat_prompt_ids(tok, history, user)
+        except ValueError as e:  # e.g. a character the char vocabulary does not have
+            print(f"error: {e}", file=sys.stderr)
+            if prompt:
+                sys.exit(2)
+            continue
+        if self_consistency > 0:
+            answer, votes, _ = self_consistent_answer(model, tok, ids, self_consistency, stop_ids=stop_ids, **gen)
+            print(f"{answer}\n(votes: {dict(votes.most_common())})")
+        else:
+            stream = TextStream(tok, show_think=show_think, stop=stop)
+            out = generate(model, ids, num_samples=1, stop_ids=stop_ids, on_token=lambda r, t: stream(t), **gen)[0]
+            stream.finish()
+            print()
+            history = ids + out + [tok.special_tokens['<|im_end|>']]
+        if prompt:
+            return
+
+
+def main():
+    global device, dtype
+    from configurator import configure
+    configure(globals())
+    if strategy not in ('greedy', 'sample', 'beam'):
+        die(f"strategy must be greedy|sample|beam, got '{strategy}'")
+    if kv_cache not in ('none', 'contiguous', 'paged'):
+        die(f"kv_cache must be none|contiguous|paged, got '{kv_cache}'")
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+    torch.manual_seed(seed)
+    model, tok = load(out_dir, device)
+    if compile:
+        model = torch.compile(model)
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=getattr(torch, dtype))
+    stop_ids = [tok.eot_id] if tok.eot_id is not None else []
+    gen = dict(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, seed=seed,
+               top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+               frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+               no_repeat_ngram=no_repeat_ngram, kv_cache=kv_cache, page_size=page_size, offload=offload)
+    with ctx:
+        if chat or prompt:
+            return run_chat(model, tok, gen, stop_ids)
+        text = start
+        if text.startswith('FILE:'):
+            try:
+                text = open(text[5:], encoding='utf-8').read()
+            except (OSError, UnicodeDecodeError) as e:
+                die(f"cannot read the start file {text[5:]}: {e}")
+        try:
+            ids = tok.encode(text, allowed_special='all')
+        except ValueError as e:  # e.g. a character the char vocabulary does not have
+            die(f"cannot encode the start text: {e}")
+        if not ids:
+            die("the start text is empty: pass --start='some text' or --start=FILE:prompt.txt")
+        if strategy == 'beam':
+            stopping = {'true': True, 'false': False, 'never': 'never'}.get(str(early_stopping).lower())
+            if stopping is None:
+                die(f"early_stopping must be true|false|never, got '{early_stopping}'")
+            hyps = beam_search(model, ids, max_new_tokens, beam_size, length_penalty, stopping, stop_ids,
+                               n_best, kv_cache, page_size, offload)
+            for toks, score in hyps:
+                print(f"--- score {score:.4f} ({len(toks)} tokens)\n{text}{tok.decode([t for t in toks if t not in stop_ids])}")
+            return
+        streams = [TextStream(tok, show=num_samples == 1, stop=stop) for _ in range(num_samples)]
+        if num_samples == 1:
+            print(text, end='')
+        generate(model, ids, num_samples=num_samples, stop_ids=stop_ids,
+                 on_token=lambda r, t: streams[r](t), **gen)
+        for s in streams:
+            s.finish()
+            print(('\n' if num_samples == 1 else text + s.text() + '\n') + '---------------')
+
+
+if __name__ == '__main__':
+    main()

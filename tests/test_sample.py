@@ -1,0 +1,438 @@
+"""sample.py: decoding strategies against brute force, penalties, determinism, beam search against
+exhaustive search, the length-penalty case, diversity (self-BLEU), self-consistency, ChatML, the CLI."""
+import itertools
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sample
+from model import GPT, GPTConfig, ContiguousKVCache, PagedKVCache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEG = float('-inf')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():  # tiny models: threads only fight over the shared cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(vocab_size=64, **kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16, **kw)).eval()
+
+
+def tied_logits(B=64, V=20, seed=0):
+    """Random logits with many exact ties (values on a coarse grid)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-6, 6, (B, V), generator=g).float() / 2
+
+
+def kept(logits):
+    return set(torch.isfinite(logits).nonzero().tolist()) if logits.dim() == 1 else \
+        [set(torch.isfinite(r).nonzero().flatten().tolist()) for r in logits]
+
+
+# -- strategies vs brute force ---------------------------------------------------------------------------
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy():
+    logits = torch.randn(50, 30)
+    assert torch.equal(sample.choose(logits, 'greedy'), logits.argmax(-1))
+    assert torch.equal(sample.choose(logits, 'sample', temperature=0), logits.argmax(-1))  # no division by 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert torch.equal(sample.choose(sample.process_logits(logits, top_k=1), 'sample', 1.0, g), logits.argmax(-1))
+
+
+def test_top_k_keeps_ties_and_k_equal_v_is_identity():
+    logits = tied_logits()
+    for k in (1, 3, 7):
+        for row, keep in zip(logits, kept(sample.top_k_filter(logits, k))):
+            kth = sorted(row.tolist(), reverse=True)[k - 1]
+            assert keep == {i for i, x in enumerate(row.tolist()) if x >= kth}
+    assert torch.equal(sample.top_k_filter(logits, logits.size(1)), logits)
+
+
+def brute_top_p(row, p):
+    """Smallest set of most probable tokens with mass >= p, taking tied tokens together; top token always."""
+    probs = row.softmax(-1).tolist()
+    for v in sorted(set(probs), reverse=True):
+        keep = {i for i, q in enumerate(probs) if q >= v}
+        if sum(probs[i] for i in keep) >= p:
+            return keep
+    return set(range(len(probs)))
+
+
+@pytest.mark.parametrize('p', [0.0, 0.1, 0.5, 0.9, 0.95, 0.999])
+def test_top_p_matches_brute_force_with_ties(p):
+    for logits in (tied_logits(seed=1), torch.randn(64, 20) * 2):
+        out = kept(sample.top_p_filter(logits, p))
+        assert out == [brute_top_p(r, p) for r in logits]
+        assert all(int(r.argmax()) in k for r, k in zip(logits, out))
+    assert torch.equal(sample.top_p_filter(logits, 1.0), logits)
+
+
+@pytest.mark.parametrize('min_p', [0.0, 0.05, 0.3, 1.0])
+def test_min_p_matches_brute_force_with_ties(min_p):
+    for logits in (tied_logits(seed=2), torch.randn(64, 20) * 2):
+        out = kept(sample.min_p_filter(logits, min_p))
+        for row, keep in zip(logits, out):
+            probs = row.softmax(-1).tolist()
+            assert keep == {i for i, q in enumerate(probs) if q >= min_p * max(probs)}
+            assert int(row.argmax()) in keep
+
+
+def test_sampling_frequencies_follow_the_kept_distribution():
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
+    proc = sample.process_logits(logits, temperature=0.7, top_k=4, top_p=0.9)
+    target = proc.softmax(-1)[0]
+    g = torch.Generator().manual_seed(0)
+    draws = sample.choose(proc.expand(20000, -1), 'sample', 0.7, g)
+    freq = torch.bincount(draws, minlength=6).float() / 20000
+    assert torch.allclose(freq, target, atol=0.015) and freq[target == 0].sum() == 0
+
+
+# -- penalties --------------------------------------------------------------------------------------------
+
+def test_repetition_penalty_hf_ctrl_convention():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, -0.5]])
+    out = sample.apply_repetition_penalty(logits, torch.tensor([[0, 1, 1, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, 0.5, -0.5]]  # once per id, whatever its count
+    p0, p1 = logits.softmax(-1)[0], out.softmax(-1)[0]
+    assert p1[0] < p0[0] and p1[1] < p0[1]   # penalized tokens lose probability whatever their sign
+
+
+def test_frequency_presence_openai_convention():
+    logits = torch.zeros(1, 4)
+    counts = torch.tensor([[0., 1., 3., 0.]])
+    out = sample.apply_frequency_presence(logits, counts, 0.5, 0.25)
+    assert out.tolist() == [[0.0, -0.75, -1.75, 0.0]]
+
+
+def test_no_repeat_ngram_bans_exactly_and_generation_has_no_repeats():
+    seq = [1, 2, 3, 1, 2, 4, 1, 2]
+    out = sample.ban_repeated_ngrams(torch.zeros(1, 6), [seq], 3)
+    assert {i for i in range(6) if out[0, i] == NEG} == {3, 4}  # (1,2)->3 and (1,2)->4 were seen
+    assert not torch.isinf(sample.ban_repeated_ngrams(torch.zeros(1, 6), [[1, 2]], 3)).any()
+    model = tiny(vocab_size=16)
+    toks = sample.generate(model, [1, 2, 3], 40, strategy='greedy', no_repeat_ngram=2)[0]
+    full = [1, 2, 3] + toks
+    grams = list(zip(full, full[1:]))
+    assert len(grams) == len(set(grams))
+
+
+def test_penalties_in_generate_change_only_what_they_should():
+    model = tiny(vocab_size=16)
+    plain = sample.generate(model, [1, 2], 30, strategy='greedy')[0]
+    assert len(set(plain)) < len(plain)  # the tiny random model repeats itself
+    pen = sample.generate(model, [1, 2], 30, strategy='greedy', presence_penalty=100.0)[0]
+    assert len(set(pen)) == len(pen) if len(pen) <= 16 else True  # no token twice while fresh ones remain
+    assert len(set(pen[:14])) == 14
+
+
+# -- determinism ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('knobs', [
+    dict(strategy='greedy'), dict(strategy='sample', temperature=1.0), dict(strategy='sample', top_k=5),
+    dict(strategy='sample', top_p=0.9), dict(strategy='sample', min_p=0.1, temperature=1.3),
+    dict(strategy='sample', repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.5, no_repeat_ngram=3)])
+@pytest.mark.parametrize('kv_cache', ['contiguous', 'paged'])
+def test_same_seed_same_text(knobs, kv_cache):
+    model = tiny()
+    runs = [sample.generate(model, [5, 6], 30, num_samples=3, seed=7, kv_cache=kv_cache, page_size=8, **knobs)
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    if knobs['strategy'] == 'sample':
+        other = sample.generate(model, [5, 6], 30, num_samples=3, seed=8, kv_cache=kv_cache, page_size=8, **knobs)
+        assert other != runs[0]
+
+
+def test_beam_is_deterministic_and_beam_1_is_greedy():
+    model = tiny()
+    a = sample.beam_search(model, [5, 6], 12, beam_size=4, n_best=4)
+    assert a == sample.beam_search(model, [5, 6], 12, beam_size=4, n_best=4, kv_cache='paged', page_size=4)
+    greedy = sample.generate(model, [5, 6], 12, strategy='greedy')[0]
+    assert sample.beam_search(model, [5, 6], 12, beam_size=1)[0][0] == greedy
+
+
+def test_stop_tokens_and_on_token_stop():
+    model = tiny(vocab_size=16)
+    full = sample.generate(model, [1], 20, strategy='greedy')[0]
+    cut = sample.generate(model, [1], 20, strategy='greedy', stop_ids=[full[5]])[0]
+    assert cut == full[:full.index(full[5])]
+    seen = []
+    out = sample.generate(model, [1], 20, strategy='greedy', on_token=lambda r, t: seen.append(t) or len(seen) == 3)[0]
+    assert out == seen == full[:3]
+
+
+# -- beam search ------------------------------------------------------------------------------------------
+
+def exhaustive(model, prompt, V, max_len, eos, alpha):
+    """Score every hypothesis: sequences of non-EOS tokens ending in EOS (or cut at max_len)."""
+    hyps = []
+    for n in range(1, max_len + 1):
+        for body in itertools.product([t for t in range(V) if t != eos], repeat=n - 1):
+            for last in ([eos] if n < max_len else [eos]) + ([] if n < max_len else [t for t in range(V) if t != eos]):
+                seq = list(body) + [last]
+                with torch.no_grad():
+                    logp = model(torch.tensor([prompt + seq]))[0][0, len(prompt) - 1:-1].log_softmax(-1)
+                s = logp.gather(1, torch.tensor(seq)[:, None]).sum().item()
+                hyps.append((sample.sequence_score(s, n, alpha), seq))
+    return sorted(hyps, key=lambda h: -h[0])
+
+
+@pytest.mark.parametrize('alpha', [0.0, 1.0, -0.5])
+@pytest.mark.parametrize('kv_cache', ['contiguous', 'paged', 'none'])
+def test_beam_equals_exhaustive_search(alpha, kv_cache):
+    V, L, eos = 4, 3, 0
+    model = tiny(vocab_size=V)
+    K = V ** L  # more beams than extensions at any step: nothing is pruned, so beam search is exhaustive
+    best = exhaustive(model, [1, 2], V, L, eos, alpha)[:K]
+    got = sample.beam_search(model, [1, 2], L, beam_size=K, length_penalty=alpha, early_stopping='never',
+                             eos_ids=[eos], n_best=K, kv_cache=kv_cache, page_size=2)
+    assert [toks for toks, _ in got] == [toks for _, toks in best]
+    assert [s for _, s in got] == pytest.approx([s for s, _ in best], abs=1e-5)
+
+
+class ScriptedLM(nn.Module):
+    """A fake LM whose next-token log-probs are a function of the history, kept in a real KV cache."""
+
+    def __init__(self, fn, vocab_size):
+        super().__init__()
+        self.fn, self.V, self.dummy = fn, vocab_size, nn.Parameter(torch.zeros(1))
+        self.config = GPTConfig(block_size=1000, vocab_size=vocab_size, n_layer=1, n_head=1, n_embd=4)
+
+    def make_kv_cache(self, batch_size, max_len, kind='contiguous', page_size=256, offload=False, device=None):
+        if kind == 'paged':
+            return PagedKVCache(1, batch_size, max_len, page_size=page_size, offload=offload)
+        return ContiguousKVCache(1, batch_size, max_len)
+
+    def forward(self, idx, kv_cache=None):
+        hist = idx if kv_cache is None else kv_cache.update(0, idx[..., None].float())[0][..., 0].long()
+        logits = torch.zeros(idx.size(0), idx.size(1), self.V)
+        for b, row in enumerate(hist.tolist()):
+            logits[b, -1] = torch.tensor(self.fn(row[1:]))  # row[0] is the prompt token
+        return logits, None
+
+
+def length_penalty_lm(gen):
+    """EOS=0, A=1, B=2, F=3 (filler), D=4 (dead end, then uniform over 999 tokens: -6.9 per step).
+    A F*8 EOS: 10 tokens, total log-prob -10.0; B F*18 EOS: 20 tokens, total -10.5."""
+    V = 1000
+    if not gen:
+        lp = {1: math.log(0.45), 2: math.log(0.45), 4: math.log(0.1)}
+    elif 4 in gen:
+        return [-60.0] + [-math.log(V - 1)] * (V - 1)
+    else:
+        n_fill, step = (8, (-10.0 - math.log(0.45)) / 9) if gen[0] == 1 else (18, (-10.5 - math.log(0.45)) / 19)
+        lp = {3 if len(gen) <= n_fill else 0: step, 4: math.log(1 - math.exp(step))}
+    return [lp.get(i, -60.0) for i in range(V)]
+
+
+@pytest.mark.parametrize('kv_cache', ['contiguous', 'paged', 'none'])
+def test_length_penalty_short_vs_long(kv_cache):
+    """The course's test: penalty off, the 10-token hypothesis wins; length_penalty=0.6, the 20-token one
+    with a slightly lower total log-prob wins."""
+    model = ScriptedLM(length_penalty_lm, 1000)
+    kw = dict(beam_size=4, early_stopping='never', eos_ids=[0], kv_cache=kv_cache, page_size=4)
+    off = sample.beam_search(model, [9], 25, length_penalty=0.0, **kw)
+    assert off[0][0] == [1] + [3] * 8 + [0] and off[0][1] == pytest.approx(-10.0, abs=1e-4)
+    on = sample.beam_search(model, [9], 25, length_penalty=0.6, **kw)
+    assert on[0][0] == [2] + [3] * 18 + [0] and on[0][1] == pytest.approx(-10.5 / 20 ** 0.6, abs=1e-4)
+    assert sample.sequence_score(-10.0, 10, 0.0) > sample.sequence_score(-10.5, 20, 0.0)
+    assert sample.sequence_score(-10.0, 10, 0.6) < sample.sequence_score(-10.5, 20, 0.6)
+
+
+def test_beam_early_stopping_modes():
+    """True stops first, False (heuristic) no sooner, 'never' (exact bound) last: best scores in that order."""
+    model = tiny(vocab_size=6)
+    best = {}
+    for mode in (True, False, 'never'):
+        hyps = sample.beam_search(model, [1, 2], 12, beam_size=3, length_penalty=1.0, early_stopping=mode, eos_ids=[0])
+        assert len(hyps) == 3 and all(h[0][-1] == 0 or len(h[0]) == 12 for h in hyps)
+        best[mode] = hyps[0][1]
+    assert best[True] <= best[False] <= best['never']
+
+
+# -- diversity: self-BLEU ---------------------------------------------------------------------------------
+
+def bleu(hyp, refs, n_max=4):
+    """BLEU-4 of token list `hyp` against `refs`: clipped n-gram precisions with add-one smoothing for
+    n > 1 (Lin & Och 2004), geometric mean, brevity penalty with the closest reference length."""
+    logs = []
+    for n in range(1, n_max + 1):
+        grams = Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
+        best = Counter()
+        for r in refs:
+            best |= Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        match, total = sum(min(c, best[g]) for g, c in grams.items()), max(1, sum(grams.values()))
+        logs.append(math.log((match + (n > 1)) / (total + (n > 1))) if match + (n > 1) else -1e9)
+    ref_len = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+    bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / max(1, len(hyp)))
+    return bp * math.exp(sum(logs) / n_max)
+
+
+def self_bleu(samples):
+    """Self-BLEU (Zhu et al. 2018): mean BLEU-4 of each sample against all the others. 1.0 = identical."""
+    return sum(bleu(s, samples[:i] + samples[i + 1:]) for i, s in enumerate(samples)) / len(samples)
+
+
+class BigramLM(nn.Module):
+    """A Zipfian bigram model: p(next) ~ 1 / (rank + 1)^1.2 under a random permutation per token."""
+
+    def __init__(self, V=64):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        rank = torch.stack([torch.randperm(V, generator=g) for _ in range(V)]).float()
+        self.table, self.dummy = -1.2 * torch.log(rank + 1), nn.Parameter(torch.zeros(1))
+        self.config = GPTConfig(block_size=1000, vocab_size=V, n_layer=1, n_head=1, n_embd=4)
+
+    def forward(self, idx, kv_cache=None):
+        return self.table[idx], None
+
+
+def test_self_bleu_falls_as_k_grows_and_top_p_sits_between():
+    model = BigramLM()
+    assert self_bleu([[1, 2, 3, 4, 5]] * 4) == pytest.approx(1.0)
+
+    def sb(**knobs):
+        return self_bleu(sample.generate(model, [0], 24, num_samples=50, seed=0, kv_cache='none', **knobs))
+    curve = {f'k={k}': sb(top_k=k) for k in (1, 2, 5, 10, 20, 50)}
+    curve['p=0.95'] = sb(top_p=0.95)
+    print('\nself-BLEU over 50 samples of 24 tokens:', {k: round(v, 3) for k, v in curve.items()})
+    ks = [curve[f'k={k}'] for k in (1, 2, 5, 10, 20, 50)]
+    assert ks[0] == pytest.approx(1.0)  # k=1 is greedy: 50 identical samples
+    assert all(a > b for a, b in zip(ks, ks[1:]))
+    assert ks[-1] < curve['p=0.95'] < ks[0]
+    greedy = sample.generate(model, [0], 24, kv_cache='none', strategy='greedy')[0]
+    assert sample.generate(model, [0], 24, kv_cache='none', top_k=1, seed=3)[0] == greedy
+
+
+# -- self-consistency -------------------------------------------------------------------------------------
+
+def test_majority_vote_ties_go_to_first_and_extract_answer():
+    assert sample.majority_vote(['7', '5', '5', '7'])[0] == '7'
+    assert sample.majority_vote(['3', '5', '5'])[0] == '5'
+    assert sample.extract_answer('<think>2+2 is 4, no 5</think>\n 4 \nbecause<|im_end|>junk') == '4'
+    assert sample.extract_answer('plain answer\n') == 'plain answer'
+
+
+class CharTok:
+    """A char tokenizer with ChatML/think special tokens, in the shape of prepare.load_tokenizer's."""
+
+    def __init__(self):
+        self.chars = [chr(i) for i in range(32, 127)] + ['\n']
+        names = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<think>', '</think>']
+        self.special_tokens = {n: len(self.chars) + i for i, n in enumerate(names)}
+        self.vocab_size, self.eot_id, self.kind = len(self.chars) + len(names), self.special_tokens['<|endoftext|>'], 'char'
+
+    def encode(self, text, allowed_special=()):
+        return [self.chars.index(c) for c in text]  # specials never come from text in this toy
+
+    def decode(self, ids):
+        inv = {v: k for k, v in self.special_tokens.items()}
+        return ''.join(inv.get(i) or self.chars[i] for i in ids)
+
+
+def test_self_consistency_n1_is_one_sample_and_vote_is_deterministic():
+    tok = CharTok()
+    model = tiny(vocab_size=tok.vocab_size)
+    one = sample.generate(model, [1, 2], 10, num_samples=1, seed=3)[0]
+    ans, votes, texts = sample.self_consistent_answer(model, tok, [1, 2], n=1, max_new_tokens=10, seed=3)
+    assert texts == [tok.decode(one)] and ans == sample.extract_answer(texts[0]) and votes[ans] == 1
+    a = sample.self_consistent_answer(model, tok, [1, 2], n=5, max_new_tokens=10, seed=4)
+    assert a == sample.self_consistent_answer(model, tok, [1, 2], n=5, max_new_tokens=10, seed=4)
+
+
+# -- ChatML and streaming text ----------------------------------------------------------------------------
+
+def test_chat_prompt_has_no_injected_specials_and_keeps_history():
+    tok = CharTok()
+    first = sample.chat_prompt_ids(tok, [], 'hi <|im_end|> there')
+    assert tok.decode(first) == '<|im_start|>user\nhi <|im_end|> there<|im_end|>\n<|im_start|>assistant\n'
+    assert first.count(tok.special_tokens['<|im_end|>']) == 1 and first.count(tok.special_tokens['<|im_start|>']) == 2
+    history = first + tok.encode('4') + [tok.special_tokens['<|im_end|>']]
+    second = sample.chat_prompt_ids(tok, history, 'and 5?')
+    assert tok.decode(second).startswith(tok.decode(history) + '\n<|im_start|>user\nand 5?<|im_end|>')
+
+
+def test_text_stream_hides_think_and_stops_on_string():
+    import io
+    tok, sp = CharTok(), CharTok().special_tokens
+    ids = [sp['<think>']] + tok.encode('secret') + [sp['</think>']] + tok.encode('\nthe answer. END more')
+    for show_think, expect in ((False, '\nthe answer. '), (True, '<think>secret</think>\nthe answer. ')):
+        out = io.StringIO()
+        stream = sample.TextStream(tok, show_think=show_think, stop='END', out=out)
+        stops = [stream(t) for t in ids]
+        assert stops.index(True) == len(ids) - len(' more') - 1  # stops on the D of END
+        assert out.getvalue() == expect and stream.text() == expect
+
+
+# -- CLI end to end ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def chat_ckpt(tmp_path_factory):
+    """A random-weight checkpoint over the offline synth twin's char tokenizer (ChatML + think tokens)."""
+    import prepare
+    root = tmp_path_factory.mktemp('chat')
+    data = str(root / 'synth')
+    prepare.main(['synth', '--source=local', '--n_samples=100', '--tokenizer=char', f'--out={data}'])
+    tok = prepare.load_tokenizer(data)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, pos_emb='rope'))
+    from dataclasses import asdict
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config),
+                'config': {'dataset': 'synth', 'data_dir': data}}, root / 'ckpt.pt')
+    return str(root)
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, 'sample.py', *args], cwd=ROOT, capture_output=True, text=True,
+                          input=stdin, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
+
+
+@pytest.mark.parametrize('args', [
+    ['--start=12', '--num_samples=2', '--max_new_tokens=20', '--top_p=0.9', '--kv_cache=paged', '--page_size=4'],
+    ['--start=12', '--strategy', 'beam', '--beam_size=3', '--n_best=2', '--max_new_tokens=10'],
+    ['--prompt=What is 2+3?', '--max_new_tokens=20', '--show_think'],
+    ['--prompt=What is 2+3?', '--max_new_tokens=10', '--self_consistency=3', '--temperature=1.0'],
+])
+def test_cli_generates(chat_ckpt, args):
+    r = run_cli(f'--out_dir={chat_ckpt}', *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_cli_chat_keeps_history_until_eof(chat_ckpt):
+    r = run_cli(f'--out_dir={chat_ckpt}', '--chat', '--max_new_tokens=5', '--strategy=greedy',
+                stdin='What is 2+3?\n/reset\nSort 3, 1, 2.\n')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('>>> ') == 4  # three inputs, then EOF ends the chat
+
+
+def test_cli_start_from_file_and_bad_values(chat_ckpt, tmp_path):
+    p = tmp_path / 'prompt.txt'
+    p.write_text('12+3')
+    assert run_cli(f'--out_dir={chat_ckpt}', f'--start=FILE:{p}', '--max_new_tokens=5').returncode == 0
+    for bad in (['--strategy=best'], [f'--start=FILE:{tmp_path}/nope.txt']):
+        r = run_cli(f'--out_dir={chat_ckpt}', *bad)
+        assert r.returncode == 2 and r.stderr.startswith('error:'), r.stderr
+
+
+def test_cli_missing_checkpoint_is_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, 'sample.py', f'--out_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and 'ckpt.pt' in r.stderr and r.stderr.count('\n') == 1
+
+
+def test_cli_unknown_key_is_exit_2():
+    r = subprocess.run([sys.executable, 'sample.py', '--top_kk=3'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and 'top_k' in r.stderr
