@@ -325,6 +325,8 @@ self_consistency = 0      # chat --prompt: sample N answers and print the majori
 device = 'auto'           # auto = cuda > mps > cpu
 dtype = 'auto'            # auto = bfloat16 on CUDA when supported, else float32
 compile = False           # torch.compile the model
+eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin),
+eval_per_type = 20        #   greedy, and --self_consistency=N majority vote; this many exercises per type
 
 
 def die(msg):
@@ -351,7 +353,7 @@ def load(out_dir, device):
         tok = prepare.load_tokenizer(data_dir)
     except Exception as e:
         die(f"cannot load the tokenizer of {data_dir}: {e} (run python prepare.py {cfg.get('dataset', 'NAME')})")
-    return model.eval().to(device), tok
+    return model.eval().to(device), tok, data_dir
 
 
 def run_chat(model, tok, gen, stop_ids):
@@ -390,6 +392,44 @@ def run_chat(model, tok, gen, stop_ids):
             return
 
 
+def score_exercises(model, tok, exercises, n_vote=0, **gen):
+    """Exact match per exercise type on held-out exercises with checkable answers ({"type", "prompt",
+    "answer"}, as prepare.py synth writes them): greedy, and majority vote over n_vote samples if n_vote > 0.
+    Returns {type: {'n', 'greedy', f'sc@{n_vote}'}} with accuracies in [0, 1]."""
+    from prepare import check_answer
+    stop_ids = [tok.special_tokens['<|im_end|>']] + ([tok.eot_id] if tok.eot_id is not None else [])
+    scores = {}
+    for ex in exercises:
+        ids = chat_prompt_ids(tok, [], ex['prompt'])
+        s = scores.setdefault(ex['type'], {'n': 0, 'greedy': 0.0, **({f'sc@{n_vote}': 0.0} if n_vote else {})})
+        s['n'] += 1
+        out = generate(model, ids, stop_ids=stop_ids, **{**gen, 'strategy': 'greedy', 'num_samples': 1})[0]
+        s['greedy'] += check_answer(ex['type'], extract_answer(tok.decode(out)), ex['answer'])
+        if n_vote:
+            answer = self_consistent_answer(model, tok, ids, n_vote, stop_ids=stop_ids, **gen)[0]
+            s[f'sc@{n_vote}'] += check_answer(ex['type'], answer, ex['answer'])
+    for s in scores.values():
+        for k in s:
+            s[k] = s[k] / s['n'] if k != 'n' else s[k]
+    return scores
+
+
+def run_eval(model, tok, data_dir, gen):
+    import json
+    path = os.path.join(data_dir, 'val_exercises.jsonl')
+    if not os.path.isfile(path):
+        die(f"{path} missing: exercises with checkable answers come from python prepare.py synth --source=local")
+    by_type = {}
+    for line in open(path, encoding='utf-8'):
+        ex = json.loads(line)
+        if len(by_type.setdefault(ex['type'], [])) < eval_per_type:
+            by_type[ex['type']].append(ex)
+    scores = score_exercises(model, tok, [e for exs in by_type.values() for e in exs], self_consistency, **gen)
+    print('| type | n | greedy | ' + (f'sc@{self_consistency} |' if self_consistency else ''))
+    for t, s in scores.items():
+        print(f"| {t} | {s['n']} | {s['greedy']:.3f} | " + (f"{s[f'sc@{self_consistency}']:.3f} |" if self_consistency else ''))
+
+
 def main():
     global device, dtype
     from configurator import configure
@@ -403,7 +443,7 @@ def main():
     if dtype == 'auto':
         dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
     torch.manual_seed(seed)
-    model, tok = load(out_dir, device)
+    model, tok, data_dir = load(out_dir, device)
     if compile:
         model = torch.compile(model)
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=getattr(torch, dtype))
@@ -413,6 +453,8 @@ def main():
                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                no_repeat_ngram=no_repeat_ngram, kv_cache=kv_cache, page_size=page_size, offload=offload)
     with ctx:
+        if eval_exercises:
+            return run_eval(model, tok, data_dir, gen)
         if chat or prompt:
             return run_chat(model, tok, gen, stop_ids)
         text = start

@@ -33,3 +33,7 @@ def make_dataset(path, vocab_size=32, n_train=4000, n_val=1000, with_mask=False,
 @pytest.fixture
 def tiny_data(tmp_path):
     return make_dataset(str(tmp_path / 'data' / 'tiny'))
+
+# Tiny models run faster on one thread, and a second thread only fights other processes for the cores.
+import torch  # noqa: E402
+torch.set_num_threads(1)

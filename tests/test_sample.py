@@ -436,3 +436,34 @@ def test_cli_missing_checkpoint_is_exit_2(tmp_path):
 def test_cli_unknown_key_is_exit_2():
     r = subprocess.run([sys.executable, 'sample.py', '--top_kk=3'], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and 'top_k' in r.stderr
+
+
+def test_exercise_scoring_counts_exact_matches(chat_ckpt, monkeypatch):
+    """score_exercises: per-type exact match, greedy and majority vote, with generation faked so the
+    right answers are known."""
+    import prepare
+    import sample
+    tok = prepare.load_tokenizer(os.path.join(chat_ckpt, 'synth'))
+    exercises = [{'type': 'arithmetic', 'prompt': 'What is 2+3?', 'answer': '5'},
+                 {'type': 'arithmetic', 'prompt': 'What is 2+4?', 'answer': '6'},
+                 {'type': 'sort', 'prompt': 'Sort 3, 1, 2.', 'answer': '1, 2, 3'}]
+    replies = {'What is 2+3?': ['5', '5', '7'], 'What is 2+4?': ['7', '6', '6'], 'Sort 3, 1, 2.': ['1, 2, 3'] * 3}
+
+    def fake_generate(model, ids, max_new_tokens, num_samples=1, strategy='sample', **kw):
+        user = tok.decode(ids).split('user\n')[1].split('<|im_end|>')[0]
+        answers = replies[user][:1] if strategy == 'greedy' else replies[user][:num_samples]
+        return [tok.encode(f'<think>x</think>\n{a}', allowed_special='all') for a in answers]
+    monkeypatch.setattr(sample, 'generate', fake_generate)
+    scores = sample.score_exercises(None, tok, exercises, n_vote=3, max_new_tokens=8, strategy='sample')
+    assert scores['arithmetic'] == {'n': 2, 'greedy': 0.5, 'sc@3': 1.0}
+    assert scores['sort'] == {'n': 1, 'greedy': 1.0, 'sc@3': 1.0}
+
+
+def test_cli_eval_exercises_prints_a_table(chat_ckpt):
+    r = run_cli(f'--out_dir={chat_ckpt}', '--eval_exercises=True', '--eval_per_type=1', '--max_new_tokens=4',
+                '--self_consistency=2')
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith('| ') and 'type' not in line]
+    types = [row.split('|')[1].strip() for row in rows]  # 100 tiny samples: not every type reaches val
+    assert types and set(types) <= {'arithmetic', 'count', 'sort', 'reverse', 'rag'}
+    assert all(row.split('|')[2].strip() == '1' for row in rows)  # eval_per_type=1
