@@ -25,12 +25,26 @@ echo "== sample"
 python sample.py --out_dir=out-speedrun --num_samples=2 --max_new_tokens=200 --seed=1337 \
   | tee out-speedrun/samples.txt
 
+echo "== bench (quick: the attention, decoding and kvcache scenarios at tiny sizes)"
+python bench.py --quick --scenario=attention,decoding,kvcache --out=out-speedrun/bench
+
 echo "== summary"
-python - <<'PY'
-import json
+SPEEDRUN_SECONDS=$(( $(date +%s) - start )) python - <<'PY'
+import json, os
 evals = [r for r in map(json.loads, open('out-speedrun/log.jsonl')) if 'val_loss' in r]
+steps = [r for r in map(json.loads, open('out-speedrun/log.jsonl')) if 'tok_s' in r]
 best = min(evals, key=lambda r: r['val_loss'])
-print(f"best val loss {best['val_loss']:.4f} (bpb {best['val_bpb']:.4f}) at iter {best['iter']}; "
-      f"final val loss {evals[-1]['val_loss']:.4f} after {evals[-1]['time']:.0f}s of training")
+line = (f"best val loss {best['val_loss']:.4f} (bpb {best['val_bpb']:.4f}) at iter {best['iter']}; "
+        f"final val loss {evals[-1]['val_loss']:.4f} after {evals[-1]['time']:.0f}s of training")
+print(line)
+tok_s = sorted(r['tok_s'] for r in steps)[len(steps) // 2]
+report = ["# speedrun report", "", "| metric | value |", "|---|---|",
+          f"| best val loss | {best['val_loss']:.4f} (iter {best['iter']}) |", f"| val bpb | {best['val_bpb']:.4f} |",
+          f"| val ppl | {best['val_ppl']:.1f} |", f"| median train tok/s | {tok_s:,.0f} |",
+          f"| training time | {evals[-1]['time']:.0f} s |", f"| wall time so far | {os.environ['SPEEDRUN_SECONDS']} s |",
+          "", "## samples", "", "```", open('out-speedrun/samples.txt').read().strip(), "```", "",
+          "## bench (quick)", "", open('out-speedrun/bench/results.md').read()]
+open('out-speedrun/report.md', 'w').write("\n".join(report) + "\n")
+print("wrote out-speedrun/report.md")
 PY
 echo "speedrun wall time: $(( $(date +%s) - start ))s"
