@@ -301,6 +301,7 @@ def peak_flops():
     a = torch.ones(n, n, device=device)
     best = 0.0
     with ctx:
+        a @ a  # warm up the thread pool
         for _ in range(3):  # best of 3: a busy machine only ever makes a trial slower
             t = time.time()
             a @ a
