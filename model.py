@@ -432,8 +432,9 @@ class GPT(nn.Module):
         if self.pos_emb == 'learned':
             assert S <= self.config.block_size, f"length {S} > block_size {self.config.block_size} (learned positions)"
             x = x + self.transformer.wpe(qpos)
-        elif self.pos_emb == 'sinusoidal':
-            x = x + sinusoidal_embedding(qpos, x.size(-1)).to(x.dtype)
+        elif self.pos_emb == 'sinusoidal':  # token embeddings scaled by sqrt(d) (Vaswani et al. 2017, 3.4):
+            # at init std 0.02 they would otherwise be drowned by the unit-amplitude sinusoids
+            x = x * math.sqrt(x.size(-1)) + sinusoidal_embedding(qpos, x.size(-1)).to(x.dtype)
         x = self.transformer.drop(x)
         a = self.attn_inputs(T, S, kpos, qpos, pad_mask, attn_mask, return_attn, device)
         for block in self.transformer.h:
