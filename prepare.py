@@ -830,7 +830,10 @@ def prepare(name, cfg):
     splits, masks, n_bytes = {}, {}, {}
     for split in ("train", "val"):
         if chat:
-            encoded = [encode_chatml(tok, u, a, cfg["train_user"]) for u, a in corpus[split]]
+            try:
+                encoded = [encode_chatml(tok, u, a, cfg["train_user"]) for u, a in corpus[split]]
+            except ValueError as e:  # char: a character the training conversations never had
+                raise PrepareError(f"{split} conversations: {e}") from None
             docs = [render_chatml(u, a) for u, a in corpus[split]]
         else:
             docs = train_docs if split == "train" else val_docs

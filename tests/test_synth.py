@@ -255,3 +255,13 @@ def test_source_hf_offline_is_an_error(tmp_path, capsys):
     rc = prepare.main(["synth", "--source=hf", f"--out={tmp_path / 'out'}"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prepare.py:")]
     assert rc == 2 and len(lines) == 1 and "network error" in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_synth_char_unseen_val_character_is_exit_2(tmp_path, capsys):
+    """30 conversations: val has characters train never had; one clear line and exit 2, no output dir."""
+    import prepare
+    out = tmp_path / 'synth'
+    rc = prepare.main(['synth', '--source=local', '--n_samples=30', '--tokenizer=char', f'--out={out}'])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and 'not in this char vocabulary' in lines[0]
+    assert not out.exists()
