@@ -154,6 +154,7 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx, self.n_head, self.n_kv_head = layer_idx, c.n_head, c.n_kv_head
         self.head_dim = hd = c.n_embd // c.n_head
         self.rope, self.qk_norm, self.mla = c.pos_emb == 'rope', c.qk_norm, c.attn_type == 'mla'
+        self.dynamic_rope = c.rope_scaling == 'dynamic'  # frequencies change with length: re-rotate every step
         if self.mla:  # DeepSeek-V2 §2.1: low-rank joint KV compression + decoupled RoPE key shared by heads
             self.kv_rank, self.rope_dim, self.q_low_rank = c.mla_kv_rank, c.mla_rope_dim, c.mla_q_rank > 0
             if self.q_low_rank:
@@ -193,10 +194,16 @@ class CausalSelfAttention(nn.Module):
         else:
             q, k, v = self.c_attn(x).split([H * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
             q, k, v = q.view(B, T, H, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd)
-            if kv_cache is not None:  # keys are cached before RoPE, rotated below at their visible positions
+            # A cache that keeps every token stores rotated keys (positions never change: rotate once). One that
+            # evicts (streaming) or dynamic NTK stores them before RoPE and re-rotates at the visible positions.
+            rotated = self.rope and kv_cache is not None and not getattr(kv_cache, 'keep', 0) and not self.dynamic_rope
+            if rotated:
+                k = apply_rope(k, a.cos[:, -T:], a.sin[:, -T:])
+            if kv_cache is not None:
                 k, v = kv_cache.update(self.layer_idx, k, v)
             if self.rope:
-                q, k = apply_rope(q, a.cos[:, -T:], a.sin[:, -T:]), apply_rope(k, a.cos, a.sin)
+                q = apply_rope(q, a.cos[:, -T:], a.sin[:, -T:])
+                k = k if rotated else apply_rope(k, a.cos, a.sin)
         if self.qk_norm:  # parameter-free RMS over head_dim; a rotation keeps the RMS, so order vs RoPE is moot
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-6), F.rms_norm(k, (k.size(-1),), eps=1e-6)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, time, dim)
@@ -543,7 +550,8 @@ class GPT(nn.Module):
 #                 (sliding_window>0) keep the first attn_sinks tokens + the most recent sliding_window-1.
 #   cache.update(layer_idx, *tensors) -> tuple: appends tensors (B, T_new, ...) (time on dim 1) and returns
 #                 the visible tensors (B, min(pos, keep or inf) + T_new, ...), ordered [sinks, recent...].
-#   The model re-indexes positions inside the visible window (StreamingLLM), so caches store PRE-RoPE keys.
+#   Caches store whatever the attention passes: rotated keys when nothing is evicted; for streaming (and
+#   dynamic NTK) PRE-RoPE keys, which the model re-rotates at positions inside the visible window (StreamingLLM).
 #   Eviction is lazy (at layer 0 of the next call), so a cache holds at most keep + 1 = S + W tokens after a
 #   one-token step; `sinks` (= attn_sinks) tells a streaming cache how many first tokens to keep.
 class ContiguousKVCache:
