@@ -4,7 +4,7 @@
 #   python prepare.py plays && python train.py config/speedrun.py
 out_dir = 'out-speedrun'
 dataset = 'plays'
-eval_interval = 100
+eval_interval = 200
 eval_iters = 10
 log_interval = 10
 
@@ -28,9 +28,9 @@ bias = False
 dropout = 0.0         # less than one epoch: nothing to regularise
 
 learning_rate = 2e-3  # small model, short budget
-max_iters = 400
-lr_decay_iters = 400
-warmup_iters = 40
+max_iters = 1000
+lr_decay_iters = 1000
+warmup_iters = 50
 min_lr = 2e-4
 betas = (0.9, 0.95)
 weight_decay = 0.1
