@@ -11,13 +11,6 @@ import sample
 STEPS = 70  # >= 64 decode steps after a short prompt
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():  # tiny models: threads only fight over the shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 CONFIGS = {
     'learned': dict(),
     'sinusoidal': dict(pos_emb='sinusoidal'),

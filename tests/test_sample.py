@@ -18,14 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEG = float('-inf')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():  # tiny models: threads only fight over the shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(vocab_size=64, **kw):
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16, **kw)).eval()
