@@ -538,9 +538,7 @@ def long_context_models(T, steps):
     rng = torch.Generator().manual_seed(seed)
     if ckpt:
         try:
-            ck = torch.load(ckpt, map_location='cpu', weights_only=True)
-            model = GPT(GPTConfig(**ck['model_args']))
-            model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ck['model'].items()})
+            model, ck = GPT.from_checkpoint(ckpt)
         except Exception as e:
             die(f"cannot load checkpoint {ckpt}: {type(e).__name__}: {e}")
         cfg = ck.get('config', {})

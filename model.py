@@ -529,6 +529,14 @@ class GPT(nn.Module):
                 out.append({'load': (f / f.sum()).tolist(), 'dropped_frac': float(dropped), 'scores': probs})
         return out
 
+    @classmethod
+    def from_checkpoint(cls, path):
+        """(model, checkpoint dict) from a train.py ckpt.pt, loaded on the CPU with weights_only=True."""
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        model = cls(GPTConfig(**ckpt['model_args']))
+        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
+        return model, ckpt
+
     def make_kv_cache(self, batch_size, max_len, kind='contiguous', page_size=256, offload=False,
                       device=None, dtype=None):
         """A cache for model(idx, kv_cache=cache). With sliding_window the cache may keep only

@@ -336,15 +336,13 @@ def die(msg):
 
 def load(out_dir, device):
     """The model and tokenizer of out_dir/ckpt.pt, with a one-line error for a missing or bad checkpoint."""
-    from model import GPT, GPTConfig
+    from model import GPT
     import prepare
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}: train one first (python train.py ... --out_dir={out_dir})")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        model = GPT(GPTConfig(**ckpt['model_args']))
-        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
+        model, ckpt = GPT.from_checkpoint(path)
     except Exception as e:
         die(f"cannot load checkpoint {path}: {type(e).__name__}: {e}")
     cfg = ckpt.get('config', {})

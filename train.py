@@ -346,9 +346,9 @@ while True:
     lr = get_lr(iter_num)
     for g in optimizer.param_groups:
         g['lr'] = lr
-    if get_dropout(iter_num) != current_dropout:
-        current_dropout = get_dropout(iter_num)
-        raw_model.set_dropout(current_dropout)
+    if (p := get_dropout(iter_num)) != current_dropout:
+        current_dropout = p
+        raw_model.set_dropout(p)
         if master and dropout_schedule:
             print(f"iter {iter_num}: dropout -> {current_dropout}")
 

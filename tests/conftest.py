@@ -30,6 +30,20 @@ def make_dataset(path, vocab_size=32, n_train=4000, n_val=1000, with_mask=False,
     return path
 
 
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """No test touches the network: prepare.py's HTTP calls fail like an offline machine, backoff sleeps are
+    instant, and tiktoken's cache points nowhere (tests that need a response fake one themselves)."""
+    import prepare
+    import requests
+
+    def offline(url, **kw):
+        raise requests.ConnectionError("network disabled in tests")
+    monkeypatch.setattr(prepare.requests, "get", offline)
+    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/nonexistent-tiktoken-cache")
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     return make_dataset(str(tmp_path / 'data' / 'tiny'))

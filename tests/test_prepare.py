@@ -41,15 +41,6 @@ def fake_get(responses, calls=None):
     return get
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def offline(url, **kw):
-        raise requests.ConnectionError("network disabled in tests")
-    monkeypatch.setattr(prepare.requests, "get", offline)
-    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/nonexistent-tiktoken-cache")
-
-
 def run(args, capsys):
     rc = prepare.main(args)
     err = capsys.readouterr().err

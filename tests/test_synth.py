@@ -21,14 +21,6 @@ class FakeResponse:
 SPECIALS = {s: 400 + i for i, s in enumerate(prepare.SPECIAL_TOKENS)}
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def offline(url, **kw):
-        raise requests.ConnectionError("network disabled in tests")
-    monkeypatch.setattr(prepare.requests, "get", offline)
-    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
-
-
 @pytest.fixture(scope="module")
 def bpe():
     docs = [prepare.render_chatml(*prepare.row_to_chat(r)) for r in prepare.local_synth_rows(200, 0)]
