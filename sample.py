@@ -487,4 +487,7 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `python sample.py ... | head`: the reader left, nothing is wrong
+        sys.stderr.close()
