@@ -108,7 +108,7 @@ def rope_frequencies(dim, base, scaling='none', factor=1.0, orig_len=2048, seq_l
 
 def apply_rope(x, cos, sin):
     """Rotate pairs (x_i, x_{i+d/2}) of the last dim (rotate-half, GPT-NeoX/Llama convention).
-    x (B, T, H, d); cos, sin (B|1, T, 1, d/2) in fp32 (bf16 cannot hold positions > 256 exactly)."""
+    x (B, H, T, d); cos, sin (B|1, 1, T, d/2) in fp32 (bf16 cannot hold positions > 256 exactly)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
@@ -177,36 +177,39 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, a, kv_cache=None):
         B, T, _ = x.shape
         H, hd = self.n_head, self.head_dim
+        # from here on (B, heads, time, head_dim): the layout SDPA reads and the KV caches store (time on dim -2)
         if self.mla:
             q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_low_rank else self.wq(x)
-            q_nope, q_pe = q.view(B, T, H, hd + self.rope_dim).split([hd, self.rope_dim], dim=-1)
+            q_nope, q_pe = q.view(B, T, H, hd + self.rope_dim).transpose(1, 2).split([hd, self.rope_dim], dim=-1)
             c_kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
-            c_kv = self.kv_norm(c_kv)
-            if kv_cache is not None:  # the cache holds only the latent and the (pre-RoPE) shared rope key
+            c_kv, k_pe = self.kv_norm(c_kv), k_pe[:, None]  # k_pe (B, 1, T, rope_dim): one key shared by heads
+            if self.rope and a.k_cos is None:  # see below: keys enter the cache rotated
+                k_pe = apply_rope(k_pe, a.cos, a.sin)
+            if kv_cache is not None:  # the cache holds only the latent and the shared rope key
                 c_kv, k_pe = kv_cache.update(self.layer_idx, c_kv, k_pe)
             S = c_kv.size(1)
-            k_nope, v = self.wkv_b(c_kv).view(B, S, H, 2 * hd).split([hd, hd], dim=-1)
-            k_pe = k_pe[:, :, None, :]
+            k_nope, v = self.wkv_b(c_kv).view(B, S, H, 2 * hd).transpose(1, 2).split([hd, hd], dim=-1)
             if self.rope:
-                q_pe, k_pe = apply_rope(q_pe, a.cos[:, -T:], a.sin[:, -T:]), apply_rope(k_pe, a.cos, a.sin)
+                q_pe = apply_rope(q_pe, a.cos, a.sin)
+                k_pe = k_pe if a.k_cos is None else apply_rope(k_pe, a.k_cos, a.k_sin)
             q = torch.cat([q_nope, q_pe], dim=-1)
-            k = torch.cat([k_nope, k_pe.expand(B, S, H, self.rope_dim)], dim=-1)
+            k = torch.cat([k_nope, k_pe.expand(B, H, S, self.rope_dim)], dim=-1)
         else:
             q, k, v = self.c_attn(x).split([H * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
-            q, k, v = q.view(B, T, H, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd)
-            # A cache that keeps every token stores rotated keys (positions never change: rotate once). One that
-            # evicts (streaming) or dynamic NTK stores them before RoPE and re-rotates at the visible positions.
-            rotated = self.rope and kv_cache is not None and not getattr(kv_cache, 'keep', 0) and not self.dynamic_rope
-            if rotated:
-                k = apply_rope(k, a.cos[:, -T:], a.sin[:, -T:])
+            q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in (q, k, v))  # k, v: n_kv_head heads
+            # A cache that keeps every token gets keys already rotated (positions never change: rotate once;
+            # a.k_cos is None). One that evicts (streaming), or dynamic NTK, stores them before RoPE and the
+            # visible keys are re-rotated at their positions inside the window, every step (a.k_cos).
+            if self.rope and a.k_cos is None:
+                k = apply_rope(k, a.cos, a.sin)
             if kv_cache is not None:
                 k, v = kv_cache.update(self.layer_idx, k, v)
             if self.rope:
-                q = apply_rope(q, a.cos[:, -T:], a.sin[:, -T:])
-                k = k if rotated else apply_rope(k, a.cos, a.sin)
+                q = apply_rope(q, a.cos, a.sin)
+                k = k if a.k_cos is None else apply_rope(k, a.k_cos, a.k_sin)
         if self.qk_norm:  # parameter-free RMS over head_dim; a rotation keeps the RMS, so order vs RoPE is moot
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-6), F.rms_norm(k, (k.size(-1),), eps=1e-6)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, time, dim)
+        q = q.to(k.dtype)  # a cache may hold a wider dtype than the weights (fp32 K/V for bf16 weights on CPU)
         gqa = k.size(1) != H
         if a.manual:  # REFERENCE §1.1: S = QK^T*scale + bias, masked, softmax in fp32, O = PV
             if gqa:  # query head h uses kv head h // (H/Hkv), as SDPA's enable_gqa
@@ -226,7 +229,7 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=self.attn_dropout.p if self.training else 0.0, enable_gqa=gqa)
             if a.row_ok is not None:
                 y = y * a.row_ok
-        y = y.transpose(1, 2).reshape(B, T, H * hd)
+        y = y.transpose(1, 2).reshape(B, T, H * hd).to(x.dtype)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -324,8 +327,10 @@ class Block(nn.Module):
 @dataclass
 class AttnInputs:
     """Per-forward attention inputs, built once in GPT.forward and shared by every layer."""
-    cos: torch.Tensor = None      # RoPE tables for the visible keys (B|1, S, 1, d/2); queries use the last T
+    cos: torch.Tensor = None      # RoPE tables (B|1, 1, T, d/2) at the T new positions (queries, new keys)
     sin: torch.Tensor = None
+    k_cos: torch.Tensor = None    # (B|1, 1, S, d/2) for all S visible keys, or None when keys are rotated as
+    k_sin: torch.Tensor = None    # they enter the cache (one that keeps every token)
     manual: bool = False          # hand-written attention (attn_impl='manual' or return_attn)
     is_causal: bool = False       # SDPA fast path: no mask tensor
     mask: torch.Tensor = None     # SDPA mask: bool (True = may attend) or float (ALiBi bias, -inf)
@@ -363,6 +368,7 @@ class GPT(nn.Module):
         self.register_buffer('slopes', alibi_slopes(c.n_head) if c.pos_emb == 'alibi' else None, persistent=False)
         self.moe_layers = [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
         self.aux_losses, self.last_attn = {}, None
+        self.rope_freqs = {}  # (length for dynamic NTK else 0, device) -> (inv_freq, mscale)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight'):  # GPT-2: residual projections scaled by 1/sqrt(2*n_layer)
@@ -378,16 +384,24 @@ class GPT(nn.Module):
             if getattr(module, 'bias', None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def attn_inputs(self, T, S, kpos, qpos, pad_mask, attn_mask, return_attn, device):
+    def attn_inputs(self, T, S, kpos, qpos, pad_mask, attn_mask, return_attn, device, rerotate=False):
         """Positions and masks for T new queries over S visible keys (REFERENCE §1.2): causal is
-        bottom-right aligned, then AND sliding window (|| sinks), key padding and the user's selective mask."""
+        bottom-right aligned, then AND sliding window (|| sinks), key padding and the user's selective mask.
+        rerotate: the cache holds keys before RoPE (it evicts, or dynamic NTK): tables for all S keys too."""
         c = self.config
         a = AttnInputs(manual=self.manual or return_attn, weights=[] if return_attn else None)
         if self.pos_emb == 'rope':
-            inv_freq, mscale = rope_frequencies(self.rope_dim, c.rope_base, c.rope_scaling, c.rope_factor,
-                                                c.block_size, S)
-            ang = kpos[..., None].float() * inv_freq.to(device)
-            a.cos, a.sin = (ang.cos() * mscale)[:, :, None, :], (ang.sin() * mscale)[:, :, None, :]
+            n = max(S, c.block_size) if c.rope_scaling == 'dynamic' else 0  # only dynamic NTK depends on length
+            if (n, device) not in self.rope_freqs:  # memo: decoding would otherwise rebuild them every token
+                inv_freq, mscale = rope_frequencies(self.rope_dim, c.rope_base, c.rope_scaling, c.rope_factor,
+                                                    c.block_size, n)
+                self.rope_freqs[n, device] = inv_freq.to(device), mscale
+            inv_freq, mscale = self.rope_freqs[n, device]
+            ang = (kpos if rerotate else qpos)[:, None, :, None].float() * inv_freq  # (B|1, 1, S|T, d/2)
+            cos, sin = ang.cos() * mscale, ang.sin() * mscale
+            a.cos, a.sin = cos[:, :, -T:], sin[:, :, -T:]
+            if rerotate:
+                a.k_cos, a.k_sin = cos, sin
         plain = (T == S or T == 1) and pad_mask is None and attn_mask is None and not c.sliding_window
         if plain and not a.manual and self.pos_emb != 'alibi':
             a.is_causal = T > 1  # flash/efficient kernels, no mask tensor
@@ -443,7 +457,8 @@ class GPT(nn.Module):
             # at init std 0.02 they would otherwise be drowned by the unit-amplitude sinusoids
             x = x * math.sqrt(x.size(-1)) + sinusoidal_embedding(qpos, x.size(-1)).to(x.dtype)
         x = self.transformer.drop(x)
-        a = self.attn_inputs(T, S, kpos, qpos, pad_mask, attn_mask, return_attn, device)
+        rerotate = kv_cache is not None and (getattr(kv_cache, 'keep', 0) or self.config.rope_scaling == 'dynamic')
+        a = self.attn_inputs(T, S, kpos, qpos, pad_mask, attn_mask, return_attn, device, rerotate)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, a, kv_cache, use_reentrant=False)
@@ -556,21 +571,22 @@ class GPT(nn.Module):
 #   cache.pos   : int, absolute number of tokens already processed (advanced after the last layer).
 #   cache.keep  : int, max tokens retained between calls (0 = keep everything). Streaming caches
 #                 (sliding_window>0) keep the first attn_sinks tokens + the most recent sliding_window-1.
-#   cache.update(layer_idx, *tensors) -> tuple: appends tensors (B, T_new, ...) (time on dim 1) and returns
-#                 the visible tensors (B, min(pos, keep or inf) + T_new, ...), ordered [sinks, recent...].
+#   cache.update(layer_idx, *tensors) -> tuple: appends tensors (B, ..., T_new, d) (time on dim -2: keys and
+#                 values (B, heads, T, head_dim), MLA's latent (B, T, rank)) and returns the visible tensors
+#                 (B, ..., min(pos, keep or inf) + T_new, d), ordered [sinks, recent...].
 #   Caches store whatever the attention passes: rotated keys when nothing is evicted; for streaming (and
 #   dynamic NTK) PRE-RoPE keys, which the model re-rotates at positions inside the visible window (StreamingLLM).
 #   Eviction is lazy (at layer 0 of the next call), so a cache holds at most keep + 1 = S + W tokens after a
 #   one-token step; `sinks` (= attn_sinks) tells a streaming cache how many first tokens to keep.
 class ContiguousKVCache:
-    """Preallocated (B, max_len, ...) buffers per layer (nanochat, REFERENCE §11.2), allocated on first use
+    """Preallocated (B, ..., max_len, d) buffers per layer (nanochat, REFERENCE §11.2), allocated on first use
     with the shapes the attention passes: new entries are written in place, decoding never concatenates.
     Streaming caches are sized keep + T_new and evict by moving the recent tokens down once per forward."""
 
     def __init__(self, n_layer, batch_size, max_len, device=None, dtype=None, keep=0, sinks=0):
         self.n_layer, self.batch_size, self.max_len = n_layer, batch_size, max_len
         self.device, self.dtype, self.keep, self.sinks = device, dtype, keep, sinks
-        self.bufs = [None] * n_layer  # per layer: list of buffers (B, room, ...)
+        self.bufs = [None] * n_layer  # per layer: list of buffers (B, ..., room, d)
         self.pos = 0       # absolute tokens processed
         self.seq_len = 0   # tokens held (== pos until a streaming eviction)
 
@@ -579,26 +595,26 @@ class ContiguousKVCache:
             S, R, L = self.sinks, self.keep - self.sinks, self.seq_len
             for bufs in self.bufs:
                 for b in bufs or ():
-                    b[:, S:S + R] = b[:, L - R:L].clone()
+                    b[..., S:S + R, :] = b[..., L - R:L, :].clone()
             self.seq_len = self.keep
-        L, T = self.seq_len, xs[0].size(1)
-        if self.bufs[layer] is None or L + T > self.bufs[layer][0].size(1):
+        L, T = self.seq_len, xs[0].size(-2)
+        if self.bufs[layer] is None or L + T > self.bufs[layer][0].size(-2):
             self._grow(layer, xs, L + T)
         for b, x in zip(self.bufs[layer], xs):
-            b[:, L:L + T] = x
+            b[..., L:L + T, :] = x
         if layer == self.n_layer - 1:
             self.pos, self.seq_len = self.pos + T, L + T
-        return tuple(b[:, :L + T] for b in self.bufs[layer])
+        return tuple(b[..., :L + T, :] for b in self.bufs[layer])
 
     def _grow(self, layer, xs, need):  # first use of a layer, or a streaming prefill longer than the room
         if not self.keep and need > self.max_len:
             raise ValueError(f"KV cache full: {need} tokens > max_len={self.max_len}; make a larger cache")
         room = max(need, self.keep + 1 if self.keep else self.max_len)
         old, L = self.bufs[layer], self.seq_len
-        self.bufs[layer] = [x.new_zeros((x.size(0), room) + x.shape[2:], dtype=self.dtype or x.dtype,
+        self.bufs[layer] = [x.new_zeros(x.shape[:-2] + (room, x.size(-1)), dtype=self.dtype or x.dtype,
                                         device=self.device or x.device) for x in xs]
         for b, o in zip(self.bufs[layer], old or ()):
-            b[:, :L] = o[:, :L]
+            b[..., :L, :] = o[..., :L, :]
 
     def reorder(self, indices):
         """Row i becomes old row indices[i] (beam parents; one prefill expanded to n samples; finished rows
@@ -611,11 +627,11 @@ class ContiguousKVCache:
             if len(idx) == bufs[0].size(0):  # in place, moving only the rows that change
                 moved = (idx != torch.arange(len(idx), device=idx.device)).nonzero().flatten()
                 for b in bufs:
-                    b[moved, :L] = b[idx[moved], :L]
+                    b[moved, ..., :L, :] = b[idx[moved], ..., :L, :]
             else:
                 self.bufs[layer] = [b.new_zeros((len(idx),) + b.shape[1:]) for b in bufs]
                 for n, b in zip(self.bufs[layer], bufs):
-                    n[:, :L] = b[idx, :L]
+                    n[..., :L, :] = b[idx, ..., :L, :]
         self.batch_size = len(indices)
 
     def nbytes(self):
@@ -630,7 +646,8 @@ class PagedKVCache:
     (copy-on-write). Rows dropped by `reorder` return their blocks to the free list. The pool grows by one
     block when the free list is empty (num_blocks preallocates it). offload=True: full blocks older than the
     newest `resident_blocks` of a row move to CPU memory (pinned on CUDA) and are copied back for each
-    gather (REFERENCE §11.4). Attention reads a contiguous gather of the visible tokens (§11.3's reference)."""
+    gather (REFERENCE §11.4). Attention reads a contiguous gather of the visible tokens (§11.3's reference),
+    or a view of the pool when the rows' blocks happen to sit in consecutive slots (one sequence, in order)."""
 
     def __init__(self, n_layer, batch_size, max_len, page_size=256, offload=False, device=None, dtype=None,
                  keep=0, sinks=0, resident_blocks=2, num_blocks=0):
@@ -650,8 +667,8 @@ class PagedKVCache:
     def _alloc(self):
         if not self.free:  # grow the pool by one block
             for pools in self.pools:
-                for i, p in enumerate(pools or ()):
-                    pools[i] = torch.cat([p, p.new_zeros((1,) + p.shape[1:])])
+                for i, p in enumerate(pools or ()):  # pools are (..., n_slots, page, d)
+                    pools[i] = torch.cat([p, p.new_zeros(p.shape[:-3] + (1,) + p.shape[-2:])], dim=-3)
             self.free.append(self.n_slots)
             self.n_slots += 1
         b = self.free.pop()
@@ -701,8 +718,9 @@ class PagedKVCache:
                     if b not in moved:
                         pin = self.pools[0][0].is_cuda
                         moved[b] = min(self.host, default=0) - 1
-                        self.host[moved[b]] = [[torch.empty(p.shape[1:], dtype=p.dtype, pin_memory=pin).copy_(
-                            p[b], non_blocking=pin) for p in pools] for pools in self.pools]
+                        self.host[moved[b]] = [[torch.empty(p.shape[:-3] + p.shape[-2:], dtype=p.dtype,
+                                                            pin_memory=pin).copy_(p[..., b, :, :], non_blocking=pin)
+                                                for p in pools] for pools in self.pools]
                         self.refs[moved[b]] = 0
                     table[j] = moved[b]
                     self.refs[moved[b]] += 1
@@ -721,7 +739,7 @@ class PagedKVCache:
                 old, table[j] = table[j], self._alloc()
                 for pools in self.pools:
                     for p in pools or ():
-                        p[table[j], :L % page] = p[old, :L % page]
+                        p[..., table[j], :L % page, :] = p[..., old, :L % page, :]
                 self._decref(old)
             while len(table) * page < L + T:
                 table.append(self._alloc())
@@ -734,30 +752,39 @@ class PagedKVCache:
         n_host = int((ids[0] < 0).sum())
         hosted = sorted(set(ids[:, :n_host].flatten().tolist()))
         local = torch.searchsorted(blocks, vis // page) * page + vis % page  # visible token -> gathered slot
+        dev = ids[:, n_host:].flatten()
+        start = int(dev[0]) if len(dev) and torch.equal(dev, torch.arange(len(dev)) + dev[0]) else None
         self._plan = dict(w_blk=tab[:, new // page].to(device), w_off=(new % page).to(device),
-                          dev=ids[:, n_host:].flatten().to(device), hosted=hosted,
+                          dev=dev.to(device), dev_start=start, hosted=hosted,
                           host=ids[:, :n_host].clone().apply_({h: i for i, h in enumerate(hosted)}.get).flatten(),
                           n_vis=len(vis), local=None if torch.equal(local, torch.arange(len(vis))) else local.to(device))
 
     def update(self, layer, *xs):
-        T, device = xs[0].size(1), self.device or xs[0].device
+        T, device = xs[0].size(-2), self.device or xs[0].device
         if not self.keep and self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos + T} tokens > max_len={self.max_len}; make a larger cache")
-        if self.pools[layer] is None:
-            self.pools[layer] = [x.new_zeros((self.n_slots, self.page) + x.shape[2:], dtype=self.dtype or x.dtype,
-                                             device=device) for x in xs]
+        if self.pools[layer] is None:  # a pool per tensor: (..., n_slots, page, d), e.g. (heads, n_slots, page, d)
+            self.pools[layer] = [x.new_zeros(x.shape[1:-2] + (self.n_slots, self.page, x.size(-1)),
+                                             dtype=self.dtype or x.dtype, device=device) for x in xs]
         if layer == 0:
             self._prepare(T, device)
         plan, out, B = self._plan, [], xs[0].size(0)
         for k, (p, x) in enumerate(zip(self.pools[layer], xs)):
-            p[plan['w_blk'], plan['w_off']] = x.to(p.dtype)
-            y = p.index_select(0, plan['dev']).view(B, -1, *p.shape[2:])  # whole blocks: plain memcpy
+            mid, slots = p.shape[:-3], p.dim() - 3
+            p[..., plan['w_blk'], plan['w_off'], :] = x.to(p.dtype).movedim(0, -3)  # (..., B, T, d)
+            if plan['dev_start'] is not None:  # the rows' blocks sit in consecutive slots: a view, no copy
+                y = p.narrow(slots, plan['dev_start'], len(plan['dev']))
+            else:  # gather whole blocks: one memcpy each
+                y = p.index_select(slots, plan['dev'])
+            y = y.view(mid + (B, y.size(slots) // B * self.page, p.size(-1)))
             if plan['hosted']:  # bring the offloaded blocks back for this gather only (async from pinned memory)
-                staged = p.new_empty((len(plan['hosted']),) + p.shape[1:])
+                staged = p.new_empty(mid + (len(plan['hosted']),) + p.shape[-2:])
                 for i, h in enumerate(plan['hosted']):
-                    staged[i].copy_(self.host[h][layer][k], non_blocking=True)
-                y = torch.cat([staged.index_select(0, plan['host'].to(device)).view(B, -1, *p.shape[2:]), y], dim=1)
-            out.append(y[:, :plan['n_vis']] if plan['local'] is None else y.index_select(1, plan['local']))
+                    staged[..., i, :, :].copy_(self.host[h][layer][k], non_blocking=True)
+                staged = staged.index_select(slots, plan['host'].to(device))
+                y = torch.cat([staged.view(mid + (B, -1, p.size(-1))), y], dim=-2)
+            y = y.movedim(-3, 0)  # (B, ..., tokens, d)
+            out.append(y[..., :plan['n_vis'], :] if plan['local'] is None else y.index_select(-2, plan['local']))
         if layer == self.n_layer - 1:
             self.pos, self.seq_len = self.pos + T, self.seq_len + T
         return tuple(out)

@@ -79,18 +79,18 @@ def test_generate_greedy_same_for_every_cache(kind):
 def visible(full, L, T, S, keep):
     """Tokens a streaming cache shows for T new tokens after L: sinks + the newest keep - S, + the new ones."""
     if keep and L > keep:
-        return torch.cat([full[:, :S], full[:, L - (keep - S):L + T]], dim=1)
-    return full[:, :L + T]
+        return torch.cat([full[..., :S, :], full[..., L - (keep - S):L + T, :]], dim=-2)
+    return full[..., :L + T, :]
 
 
 def drive(cache, n=60, B=3, S=0, keep=0, prefill=5, chunk=1, reorder_every=0, n_layer=2):
     torch.manual_seed(1)
-    k, v = torch.randn(B, n, 2, 4), torch.randn(B, n, 3)
+    k, v = torch.randn(B, 2, n, 4), torch.randn(B, n, 3)  # time on dim -2: (B, heads, T, d) and (B, T, d)
     L = 0
     while L < n:
         T = min(prefill if L == 0 else chunk, n - L)
         for layer in range(n_layer):
-            ok, ov = cache.update(layer, k[:, L:L + T] * (layer + 1), v[:, L:L + T])
+            ok, ov = cache.update(layer, k[:, :, L:L + T] * (layer + 1), v[:, L:L + T])
             assert torch.equal(ok, visible(k, L, T, S, keep) * (layer + 1))
             assert torch.equal(ov, visible(v, L, T, S, keep))
         L += T
@@ -100,7 +100,7 @@ def drive(cache, n=60, B=3, S=0, keep=0, prefill=5, chunk=1, reorder_every=0, n_
         if reorder_every and L % reorder_every == 0:
             idx = torch.randint(0, B, (B,))
             cache.reorder(idx)
-            k[:, :L], v[:, :L] = k[idx, :L].clone(), v[idx, :L].clone()
+            k[:, :, :L], v[:, :L] = k[idx, :, :L].clone(), v[idx, :L].clone()
     return cache
 
 
@@ -228,3 +228,15 @@ def test_offload_pinned_roundtrip_cuda():
     ref = sample.generate(model, [1, 2, 3], 80, strategy='greedy', kv_cache='contiguous')
     cache_out = sample.generate(model, [1, 2, 3], 80, strategy='greedy', kv_cache='paged', page_size=8, offload=True)
     assert ref == cache_out
+
+
+def test_paged_reads_a_view_when_blocks_are_consecutive_and_gathers_otherwise():
+    """One sequence whose blocks sit in consecutive pool slots is read in place (no per-step copy of the
+    whole context); a shuffled pool is gathered. Both return the same tokens."""
+    x = torch.randn(1, 2, 10, 4)  # (B, heads, T, d)
+    for cache, in_place in ((PagedKVCache(1, 1, 16, page_size=4), True),
+                            (shuffled(PagedKVCache(1, 1, 16, page_size=4), n=8, seed=3), False)):
+        out, = cache.update(0, x)
+        assert torch.equal(out, x)
+        pool = cache.pools[0][0]
+        assert (out.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr()) == in_place

@@ -360,11 +360,11 @@ class EvictingCache:
 
     def update(self, layer_idx, *tensors):
         old = self.store[layer_idx]
-        out = tuple(t if old is None else torch.cat([o, t], 1) for o, t in zip(old or tensors, tensors))
-        self.store[layer_idx] = tuple(torch.cat([o[:, :self.sinks], o[:, self.sinks:][:, -(self.keep - self.sinks):]], 1)
-                                      if o.size(1) > self.keep else o for o in out)
+        out = tuple(t if old is None else torch.cat([o, t], -2) for o, t in zip(old or tensors, tensors))  # time: -2
+        self.store[layer_idx] = tuple(torch.cat([o[..., :self.sinks, :], o[..., -(self.keep - self.sinks):, :]], -2)
+                                      if o.size(-2) > self.keep else o for o in out)
         if layer_idx == self.n_layer - 1:
-            self.pos += tensors[0].size(1)
+            self.pos += tensors[0].size(-2)
         return out
 
 
@@ -381,7 +381,7 @@ def test_streaming_sinks_decode_forever(attn_type):
         for t in (20, 39):  # after eviction = a forward over [sinks, last W-1 tokens, new token], re-indexed
             kept = torch.cat([x[:, :S], x[:, t - W + 1:t + 1]], 1)
             torch.testing.assert_close(outs[t][:, -1], m(kept)[0][:, -1], atol=1e-5, rtol=1e-5)
-    assert all(t.size(1) == S + W - 1 for t in cache.store[0])
+    assert all(t.size(-2) == S + W - 1 for t in cache.store[0])
     for kind in ('contiguous', 'paged'):  # model.py's own caches honour the same contract
         real = m.make_kv_cache(1, 16, kind=kind, page_size=4)
         with torch.no_grad():
