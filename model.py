@@ -186,7 +186,7 @@ class CausalSelfAttention(nn.Module):
             if self.rope and a.k_cos is None:  # see below: keys enter the cache rotated
                 k_pe = apply_rope(k_pe, a.cos, a.sin)
             if kv_cache is not None:  # the cache holds only the latent and the shared rope key
-                c_kv, k_pe = kv_cache.update(self.layer_idx, c_kv, k_pe)
+                c_kv, k_pe = (t.to(x.dtype) for t in kv_cache.update(self.layer_idx, c_kv, k_pe))
             S = c_kv.size(1)
             k_nope, v = self.wkv_b(c_kv).view(B, S, H, 2 * hd).transpose(1, 2).split([hd, hd], dim=-1)
             if self.rope:

@@ -9,7 +9,6 @@ KV cache (model.py); the CLI at the bottom only wires config keys to them. Formu
 import os
 import sys
 from collections import Counter
-from contextlib import nullcontext
 
 import torch
 
@@ -102,11 +101,12 @@ def choose(logits, strategy='sample', temperature=1.0, generator=None):
 # -----------------------------------------------------------------------------
 # running the model: one prefill, then one token per row per step, on a KV cache or by re-running everything
 
-def start_decoding(model, prompt, max_len, kv_cache='contiguous', page_size=256, offload=False):
+def start_decoding(model, prompt, max_len, kv_cache='contiguous', page_size=256, offload=False, kv_dtype=None):
     """Run the prompt (list of ids) once. Returns (logits (1, V) for the next token, step) where
     step(rows, tokens) appends tokens (B,) to the rows `rows` (B,) of the current batch: rows picks beam
     parents, expands one prompt to n samples (rows = zeros(n)) or drops finished rows (the cache reorders
-    them: a paged cache shares blocks, copy-on-write). kv_cache='none' re-runs the full context, the reference."""
+    them: a paged cache shares blocks, copy-on-write). kv_cache='none' re-runs the full context, the reference.
+    kv_dtype: the cache's dtype (default: the activations' dtype)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     c = model.config
@@ -122,7 +122,8 @@ def start_decoding(model, prompt, max_len, kv_cache='contiguous', page_size=256,
             return model(state['hist'][:, -c.block_size:])[0][:, -1]
         step.cache = None
         return model(idx[:, -c.block_size:])[0][:, -1], step
-    cache = model.make_kv_cache(1, max_len, kind=kv_cache, page_size=page_size, offload=offload, device=device)
+    cache = model.make_kv_cache(1, max_len, kind=kv_cache, page_size=page_size, offload=offload, device=device,
+                                dtype=kv_dtype)
 
     def step(rows, tokens):
         if len(rows) != cache.batch_size or not torch.equal(rows.cpu(), torch.arange(len(rows))):
@@ -134,12 +135,14 @@ def start_decoding(model, prompt, max_len, kv_cache='contiguous', page_size=256,
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, num_samples=1, strategy='sample', temperature=1.0, seed=None,
-             stop_ids=(), on_token=None, kv_cache='contiguous', page_size=256, offload=False, **knobs):
+             stop_ids=(), on_token=None, kv_cache='contiguous', page_size=256, offload=False, kv_dtype=None,
+             **knobs):
     """Generate num_samples continuations of `prompt` (list of ids) as one batch; returns token lists
     (stop tokens excluded). on_token(row, token) streams each token as it comes; if it returns True the row
     stops (used for stop strings). knobs: top_k, top_p, min_p, repetition_penalty, frequency_penalty,
     presence_penalty, no_repeat_ngram (see process_logits)."""
-    logits, step = start_decoding(model, prompt, len(prompt) + max_new_tokens, kv_cache, page_size, offload)
+    logits, step = start_decoding(model, prompt, len(prompt) + max_new_tokens, kv_cache, page_size, offload,
+                                  kv_dtype)
     generator = torch.Generator(device=logits.device)
     generator.manual_seed(seed) if seed is not None else generator.seed()
     penalize = knobs.get('frequency_penalty', 0.0) != 0.0 or knobs.get('presence_penalty', 0.0) != 0.0
@@ -178,7 +181,7 @@ def sequence_score(sum_logprob, length, length_penalty):
 
 @torch.no_grad()
 def beam_search(model, prompt, max_new_tokens, beam_size=4, length_penalty=1.0, early_stopping=False,
-                eos_ids=(), n_best=None, kv_cache='contiguous', page_size=256, offload=False):
+                eos_ids=(), n_best=None, kv_cache='contiguous', page_size=256, offload=False, kv_dtype=None):
     """Beam search with all beams as one batch on the cache. Returns up to n_best (default beam_size)
     (tokens, score) pairs, best first; a hypothesis' length counts its generated tokens including EOS.
     An EOS extension that ranks among the beam_size best extensions joins the finished pool (the best
@@ -187,7 +190,8 @@ def beam_search(model, prompt, max_new_tokens, beam_size=4, length_penalty=1.0, 
     cannot beat the worst finished one (a heuristic); 'never' uses the exact bound (with alpha > 0 a running
     beam may still gain from growing to max_new_tokens)."""
     K, eos = beam_size, list(eos_ids)
-    logits, step = start_decoding(model, prompt, len(prompt) + max_new_tokens, kv_cache, page_size, offload)
+    logits, step = start_decoding(model, prompt, len(prompt) + max_new_tokens, kv_cache, page_size, offload,
+                                  kv_dtype)
     beams, sums = [[]], torch.zeros(1, device=logits.device)
     finished = []  # (score, tokens)
     for t in range(1, max_new_tokens + 1):
@@ -323,7 +327,10 @@ prompt = ''               # one chat turn with this user message, then exit
 show_think = False        # chat: print the <think>...</think> part too
 self_consistency = 0      # chat --prompt: sample N answers and print the majority vote
 device = 'auto'           # auto = cuda > mps > cpu
-dtype = 'auto'            # auto = bfloat16 on CUDA when supported, else float32
+dtype = 'auto'            # weights: auto = bfloat16 on CUDA when supported, else float32. bfloat16 on a CPU
+                          #   without bf16 units: decoding reads half the bytes per token (faster), but a long
+                          #   prompt (matrix-matrix) is much slower
+kv_dtype = 'auto'         # KV cache: auto = float32 on CPU (its attention kernels run fp32 fastest), else dtype
 compile = False           # torch.compile the model
 eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin),
 eval_per_type = 20        #   greedy, and --self_consistency=N majority vote; this many exercises per type
@@ -429,7 +436,7 @@ def run_eval(model, tok, data_dir, gen):
 
 
 def main():
-    global device, dtype
+    global device, dtype, kv_dtype
     from configurator import configure
     configure(globals())
     if strategy not in ('greedy', 'sample', 'beam'):
@@ -440,50 +447,56 @@ def main():
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     if dtype == 'auto':
         dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+    for key, v in (('dtype', dtype), ('kv_dtype', kv_dtype)):
+        if v not in ('auto', 'float32', 'bfloat16', 'float16'):
+            die(f"{key} must be auto|float32|bfloat16|float16, got '{v}'")
     torch.manual_seed(seed)
     model, tok, data_dir = load(out_dir, device)
+    # inference keeps no fp32 master weights: cast them (half the bytes read per token), no autocast
+    model = model.to(getattr(torch, dtype))
+    if kv_dtype == 'auto':
+        kv_dtype = 'float32' if device == 'cpu' else dtype
+    kv = getattr(torch, kv_dtype)
     if compile:
         model = torch.compile(model)
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=getattr(torch, dtype))
     stop_ids = [tok.eot_id] if tok.eot_id is not None else []
     gen = dict(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, seed=seed,
                top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-               no_repeat_ngram=no_repeat_ngram, kv_cache=kv_cache, page_size=page_size, offload=offload)
-    with ctx:
-        if eval_exercises:
-            return run_eval(model, tok, data_dir, gen)
-        if chat or prompt:
-            return run_chat(model, tok, gen, stop_ids)
-        text = start
-        if text.startswith('FILE:'):
-            try:
-                text = open(text[5:], encoding='utf-8').read()
-            except (OSError, UnicodeDecodeError) as e:
-                die(f"cannot read the start file {text[5:]}: {e}")
+               no_repeat_ngram=no_repeat_ngram, kv_cache=kv_cache, page_size=page_size, offload=offload, kv_dtype=kv)
+    if eval_exercises:
+        return run_eval(model, tok, data_dir, gen)
+    if chat or prompt:
+        return run_chat(model, tok, gen, stop_ids)
+    text = start
+    if text.startswith('FILE:'):
         try:
-            ids = tok.encode(text, allowed_special='all')
-        except ValueError as e:  # e.g. a character the char vocabulary does not have
-            die(f"cannot encode the start text: {e}")
-        if not ids:
-            die("the start text is empty: pass --start='some text' or --start=FILE:prompt.txt")
-        if strategy == 'beam':
-            stopping = {'true': True, 'false': False, 'never': 'never'}.get(str(early_stopping).lower())
-            if stopping is None:
-                die(f"early_stopping must be true|false|never, got '{early_stopping}'")
-            hyps = beam_search(model, ids, max_new_tokens, beam_size, length_penalty, stopping, stop_ids,
-                               n_best, kv_cache, page_size, offload)
-            for toks, score in hyps:
-                print(f"--- score {score:.4f} ({len(toks)} tokens)\n{text}{tok.decode([t for t in toks if t not in stop_ids])}")
-            return
-        streams = [TextStream(tok, show=num_samples == 1, stop=stop) for _ in range(num_samples)]
-        if num_samples == 1:
-            print(text, end='')
-        generate(model, ids, num_samples=num_samples, stop_ids=stop_ids,
-                 on_token=lambda r, t: streams[r](t), **gen)
-        for s in streams:
-            s.finish()
-            print(('\n' if num_samples == 1 else text + s.text() + '\n') + '---------------')
+            text = open(text[5:], encoding='utf-8').read()
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"cannot read the start file {text[5:]}: {e}")
+    try:
+        ids = tok.encode(text, allowed_special='all')
+    except ValueError as e:  # e.g. a character the char vocabulary does not have
+        die(f"cannot encode the start text: {e}")
+    if not ids:
+        die("the start text is empty: pass --start='some text' or --start=FILE:prompt.txt")
+    if strategy == 'beam':
+        stopping = {'true': True, 'false': False, 'never': 'never'}.get(str(early_stopping).lower())
+        if stopping is None:
+            die(f"early_stopping must be true|false|never, got '{early_stopping}'")
+        hyps = beam_search(model, ids, max_new_tokens, beam_size, length_penalty, stopping, stop_ids,
+                           n_best, kv_cache, page_size, offload, kv)
+        for toks, score in hyps:
+            print(f"--- score {score:.4f} ({len(toks)} tokens)\n{text}{tok.decode([t for t in toks if t not in stop_ids])}")
+        return
+    streams = [TextStream(tok, show=num_samples == 1, stop=stop) for _ in range(num_samples)]
+    if num_samples == 1:
+        print(text, end='')
+    generate(model, ids, num_samples=num_samples, stop_ids=stop_ids,
+             on_token=lambda r, t: streams[r](t), **gen)
+    for s in streams:
+        s.finish()
+        print(('\n' if num_samples == 1 else text + s.text() + '\n') + '---------------')
 
 
 if __name__ == '__main__':

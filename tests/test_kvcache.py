@@ -240,3 +240,23 @@ def test_paged_reads_a_view_when_blocks_are_consecutive_and_gathers_otherwise():
         assert torch.equal(out, x)
         pool = cache.pools[0][0]
         assert (out.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr()) == in_place
+
+
+@pytest.mark.parametrize('name', ['rope', 'gqa', 'mla', 'mqa_manual'])
+@pytest.mark.parametrize('kind', ['contiguous', 'paged'])
+@torch.no_grad()
+def test_bf16_weights_with_fp32_cache_track_the_fp32_model(kind, name):
+    """sample.py --dtype=bfloat16 on CPU: weights cast to bf16, K/V kept in fp32 (kv_dtype auto). Every
+    decode step stays within bf16 rounding of the fp32 model's no-cache logits, and the cache really is fp32."""
+    ref_model, model = tiny(**CONFIGS[name]), tiny(**CONFIGS[name]).to(torch.bfloat16)
+    toks = [3, 1, 4, 1, 5]
+    cache = model.make_kv_cache(1, 64, kind=kind, page_size=4, dtype=torch.float32)
+    logits = model(torch.tensor([toks]), kv_cache=cache)[0][:, -1]
+    for _ in range(30):
+        ref = ref_model(torch.tensor([toks]))[0][:, -1]
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, ref, atol=2e-2, rtol=0)
+        toks.append(int(ref.argmax()))
+        logits = model(torch.tensor([toks[-1:]]), kv_cache=cache)[0][:, -1]
+    bufs = cache.bufs if kind == 'contiguous' else cache.pools
+    assert all(b.dtype == torch.float32 for layer in bufs for b in layer)

@@ -397,6 +397,8 @@ def run_cli(*args, stdin=None):
     ['--start=12', '--strategy', 'beam', '--beam_size=3', '--n_best=2', '--max_new_tokens=10'],
     ['--prompt=What is 2+3?', '--max_new_tokens=20', '--show_think'],
     ['--prompt=What is 2+3?', '--max_new_tokens=10', '--self_consistency=3', '--temperature=1.0'],
+    ['--start=12', '--max_new_tokens=10', '--dtype=bfloat16', '--kv_cache=paged', '--page_size=4'],  # fp32 cache
+    ['--start=12', '--max_new_tokens=10', '--dtype=bfloat16', '--kv_dtype=bfloat16', '--strategy=beam'],
 ])
 def test_cli_generates(chat_ckpt, args):
     r = run_cli(f'--out_dir={chat_ckpt}', *args)
@@ -415,7 +417,7 @@ def test_cli_start_from_file_and_bad_values(chat_ckpt, tmp_path):
     p = tmp_path / 'prompt.txt'
     p.write_text('12+3')
     assert run_cli(f'--out_dir={chat_ckpt}', f'--start=FILE:{p}', '--max_new_tokens=5').returncode == 0
-    for bad in (['--strategy=best'], [f'--start=FILE:{tmp_path}/nope.txt']):
+    for bad in (['--strategy=best'], [f'--start=FILE:{tmp_path}/nope.txt'], ['--dtype=fp8'], ['--kv_dtype=int8']):
         r = run_cli(f'--out_dir={chat_ckpt}', *bad)
         assert r.returncode == 2 and r.stderr.startswith('error:'), r.stderr
 
