@@ -6,7 +6,8 @@ What does a component cost, and what does it buy? Benchmarks that write tables a
     python bench.py --scenario=long_context --ckpt=out-x/ckpt.pt
     python bench.py --profile                          # + torch.profiler chrome traces and op tables
     python bench.py --plot out-a out-b                 # loss curves of runs (+-std over runs named *-seedN)
-Scenarios (one function each): attention, mhsa, ffn, decoding, kvcache, train, long_context.
+Scenarios (one function each): attention, mhsa, ffn, decoding, kvcache, train, long_context; decode_target
+(issue 5's decoding speed targets, ~6 min on CPU) runs only when named: --scenario=decode_target.
 Writes OUT/results.json (every number, with device, dtype, torch version and config) and OUT/results.md.
 Peak memory (REFERENCE §11.5): torch.cuda.max_memory_allocated() after a reset on GPU; on CPU the peak RSS
 (VmHWM) of a fresh subprocess per point. `delta_mb` = peak minus the memory after set-up and one warm-up run:
@@ -304,6 +305,63 @@ def decoding():
     maybe_profile('decoding', lambda: generate(model, prompt, 32, kv_cache='paged', page_size=page))
     return dict(config=dict(**kw, vocab_size=512, pos_emb='rope', batch=1, prompt=len(prompt), page_size=page,
                             note='beam4 tok/s counts the tokens of the returned hypothesis (4 rows run)'), rows=rows)
+
+
+# 4b. issue 5's decoding target (opt-in: --scenario=decode_target, ~6 min on a 2-core CPU)
+def decode_target():
+    """6L/6H/384 RoPE, vocab 8192, batch 1, 2047 new tokens from a 1-token prompt, random weights: tok/s per
+    cache and strategy, for fp32 weights and bf16 weights (with an fp32 KV cache on CPU, as sample.py's
+    kv_dtype=auto). Targets: cached >= 300 tok/s and >= 60x kv_cache='none'; beam 4 <= 2.5x greedy per token.
+    'none' is estimated, not run (~30 min here): its step at context L is one forward over L tokens, timed at
+    9 values of L and summed over L = 1..n by linear interpolation."""
+    n_new = size(24, 2047, 2047)
+    kw = size(dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512),
+              dict(n_layer=6, n_head=6, n_embd=384, vocab_size=8192), dict(n_layer=6, n_head=6, n_embd=384, vocab_size=8192))
+    runs = [('contiguous', 'greedy'), ('paged', 'greedy'), ('paged+offload', 'greedy'), ('contiguous', 'sample'),
+            ('contiguous', 'beam4'), ('paged', 'beam4')]
+    rows, targets, prompt, floor = [], [], [1], {}
+    for weights in ('float32', 'bfloat16'):
+        model = tiny_gpt(block_size=n_new + 1, pos_emb='rope', **kw).eval().to(getattr(torch, weights))
+        kv = None if cuda() else torch.float32  # None: the activations' dtype
+        tok_s = {}
+        with torch.no_grad():
+            # the memory-bandwidth floor: a decode step reads every weight once; reading them (a sum) takes
+            sums = [timeit(lambda: [p.sum() for p in model.parameters()], iters=1) for _ in range(5)]
+            floor[f'{weights}_weights_read_ms'] = min(sums)
+            floor[f'{weights}_tok_s_ceiling'] = 1000 / min(sums)  # with free attention and no overhead
+            if weights == 'float32':  # bf16 prompts are matrix-matrix: ~100x slower on CPUs without bf16 units
+                Ls = np.unique(np.linspace(1, n_new, 9).round().astype(int))
+                x = torch.randint(0, kw['vocab_size'], (1, n_new), device=device)
+                model(x[:, :Ls[-1]])  # warm-up
+                step_ms = [timeit(lambda: model(x[:, :L]), iters=1) for L in Ls]
+                total_ms = float(np.interp(np.arange(1, n_new + 1), Ls, step_ms).sum())
+                tok_s['none'] = 1000 * n_new / total_ms
+                rows.append(dict(weights=weights, kv_cache='none (estimated)', strategy='greedy', new_tokens=n_new,
+                                 tok_s=tok_s['none'], ms_per_token=total_ms / n_new))
+            for cache, strategy in runs:
+                kind, off = cache.split('+')[0], cache.endswith('offload')
+                args = dict(kv_cache=kind, offload=off, page_size=256, kv_dtype=kv)
+
+                def run(n):
+                    if strategy == 'beam4':
+                        return beam_search(model, prompt, n, beam_size=4, **args)
+                    return generate(model, prompt, n, strategy=strategy, seed=seed, top_k=50, **args)
+                run(8)  # warm-up
+                ms = timeit(lambda: run(n_new), iters=1)
+                tok_s[cache, strategy] = 1000 * n_new / ms  # beam: positions per second (4 rows each)
+                rows.append(dict(weights=weights, kv_cache=cache, strategy=strategy, new_tokens=n_new,
+                                 tok_s=tok_s[cache, strategy], ms_per_token=ms / n_new))
+        greedy = tok_s['contiguous', 'greedy']
+        targets.append(dict(weights=weights, cached_tok_s=greedy, target_300=greedy >= 300,
+                            beam4_cost_vs_greedy=greedy / tok_s['contiguous', 'beam4'],
+                            target_beam_2_5x=greedy / tok_s['contiguous', 'beam4'] <= 2.5))
+        if 'none' in tok_s:
+            targets[-1].update(vs_none=greedy / tok_s['none'], target_60x=greedy / tok_s['none'] >= 60)
+    weights_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    return dict(config=dict(**kw, pos_emb='rope', batch=1, prompt=1, new_tokens=n_new, page_size=256,
+                            fp32_weights_mb=weights_mb, **floor,
+                            note='beam4 tok/s = positions per second (4 beams each); none is estimated'),
+                rows=rows, tables={'targets (issue 5)': targets})
 
 
 # 5. KV-cache memory vs context length: contiguous, paged, paged + offload of old blocks to CPU memory
@@ -612,7 +670,8 @@ def long_context():
 # output: results.json, results.md, plots
 
 SCENARIOS = dict(attention=attention, mhsa=mhsa, ffn=ffn, decoding=decoding, kvcache=kvcache, train=train_step,
-                 long_context=long_context)
+                 long_context=long_context, decode_target=decode_target)
+OPT_IN = {'decode_target'}  # long: run only when named
 
 
 def fmt(v):
@@ -776,7 +835,7 @@ def main(argv=None):
     configure(globals(), argv)
     if plot_dirs:
         return plot_runs(plot_dirs, out)
-    names = list(SCENARIOS) if scenario == 'all' else [s.strip() for s in scenario.split(',') if s.strip()]
+    names = [n for n in SCENARIOS if n not in OPT_IN] if scenario == 'all' else [s.strip() for s in scenario.split(',') if s.strip()]
     if not names or any(n not in SCENARIOS for n in names):
         die(f"unknown scenario in '{scenario}': choose from {', '.join(SCENARIOS)} (comma-separated) or all")
     if ckpt and not os.path.isfile(ckpt):

@@ -44,7 +44,7 @@ def positive(rows, *keys):
 
 def test_results_json_meta_and_markdown(quick):
     res, md, stdout = quick
-    assert set(res['scenarios']) == set(bench.SCENARIOS)
+    assert set(res['scenarios']) == set(bench.SCENARIOS) - bench.OPT_IN  # 'all' = everything but the long ones
     assert {'device', 'dtype', 'torch', 'quick', 'threads'} <= set(res['meta']) and res['meta']['quick'] is True
     for name, s in res['scenarios'].items():
         assert s['config'] and s['rows'] and s['wall_s'] >= 0, name
@@ -67,6 +67,24 @@ def test_attention_mhsa_ffn_train(quick):
     assert moe[0]['active_params'] < moe[1]['active_params']  # top-1 runs one routed expert, top-2 two
     positive(S['train']['rows'], 'ms_per_batch', 'tok_s', 'flops_per_token', 'mfu_pct', 'matmul_tflops_fp32',
              'matmul_tflops_bf16', 'peak_mb')
+
+
+def test_decode_target_scenario(cpu):
+    """Issue 5's target scenario at --quick sizes: every cache x strategy for fp32 and bf16 weights, the
+    estimated no-cache baseline (fp32 only), the weight-read ceiling, and a targets row per weight dtype."""
+    res = bench.decode_target()
+    rows = res['rows']
+    runs = {(r['weights'], r['kv_cache'], r['strategy']) for r in rows}
+    for w in ('float32', 'bfloat16'):
+        assert {(w, c, 'greedy') for c in ('contiguous', 'paged', 'paged+offload')} <= runs
+        assert {(w, 'contiguous', 'sample'), (w, 'contiguous', 'beam4'), (w, 'paged', 'beam4')} <= runs
+        assert res['config'][f'{w}_tok_s_ceiling'] > 0
+    assert ('float32', 'none (estimated)', 'greedy') in runs and ('bfloat16', 'none (estimated)', 'greedy') not in runs
+    positive(rows, 'tok_s', 'ms_per_token')
+    t = {r['weights']: r for r in res['tables']['targets (issue 5)']}
+    assert t['float32']['target_300'] == (t['float32']['cached_tok_s'] >= 300) and 'vs_none' in t['float32']
+    cont = next(r for r in rows if (r['weights'], r['kv_cache'], r['strategy']) == ('float32', 'contiguous', 'greedy'))
+    assert t['float32']['cached_tok_s'] == cont['tok_s']
 
 
 def test_decoding_and_kvcache(quick):

@@ -203,10 +203,11 @@ class ScriptedLM(nn.Module):
         self.fn, self.V, self.dummy = fn, vocab_size, nn.Parameter(torch.zeros(1))
         self.config = GPTConfig(block_size=1000, vocab_size=vocab_size, n_layer=1, n_head=1, n_embd=4)
 
-    def make_kv_cache(self, batch_size, max_len, kind='contiguous', page_size=256, offload=False, device=None):
+    def make_kv_cache(self, batch_size, max_len, kind='contiguous', page_size=256, offload=False, device=None,
+                      dtype=None):  # GPT.make_kv_cache's signature
         if kind == 'paged':
-            return PagedKVCache(1, batch_size, max_len, page_size=page_size, offload=offload)
-        return ContiguousKVCache(1, batch_size, max_len)
+            return PagedKVCache(1, batch_size, max_len, page_size=page_size, offload=offload, dtype=dtype)
+        return ContiguousKVCache(1, batch_size, max_len, dtype=dtype)
 
     def forward(self, idx, kv_cache=None):
         hist = idx if kv_cache is None else kv_cache.update(0, idx[..., None].float())[0][..., 0].long()
