@@ -280,13 +280,26 @@ def estimate_loss():
     return out
 
 
-def save_checkpoint(path):
+def all_rng_states():
+    """Every rank's RNG states as (world_size, n) uint8 tensors: dropout differs per rank, so an exact resume
+    gives each rank its own stream back. Collective: every rank must call it."""
+    states = {'cpu_rng': torch.get_rng_state(),
+              'cuda_rng': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    for k, s in states.items():
+        if s is not None and ddp:
+            parts = [torch.empty_like(s, device=device) for _ in range(world_size)]
+            dist.all_gather(parts, s.to(device))
+            states[k] = torch.stack(parts).cpu()
+        elif s is not None:
+            states[k] = s[None]
+    return states
+
+
+def save_checkpoint(path, rng):
     ckpt = {
         'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
         'model_args': model_args, 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-        'evals_without_improvement': evals_without_improvement, 'data_rng': data_gen.get_state(),
-        'cpu_rng': torch.get_rng_state(),
-        'cuda_rng': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+        'evals_without_improvement': evals_without_improvement, 'data_rng': data_gen.get_state(), **rng,
     }
     torch.save(ckpt, path + '.tmp')
     os.replace(path + '.tmp', path)  # atomic: a crash never leaves half a checkpoint
@@ -336,10 +349,15 @@ if profile:
     prof = torch_profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=3), record_shapes=True)
     prof.start()
     max_iters = iter_num + 5
-if init_from == 'resume':  # dropout masks continue exactly where the stopped run left them
-    torch.set_rng_state(rng_states[0])
-    if device_type == 'cuda' and rng_states[1] is not None:
-        torch.cuda.set_rng_state(rng_states[1])
+if init_from == 'resume':  # dropout masks continue exactly where the stopped run left them, on every rank
+    cpu_rng, cuda_rng = (None if s is None else s if s.dim() == 2 else s[None] for s in rng_states)
+    if cpu_rng.size(0) == world_size:
+        torch.set_rng_state(cpu_rng[rank].clone())  # its own tensor: a row view fails ("Invalid mt19937 state")
+        if device_type == 'cuda' and cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng[rank].clone())
+    elif master:  # e.g. resumed on a different number of GPUs: data order stays exact, dropout masks do not
+        print(f"note: checkpoint has RNG states of {cpu_rng.size(0)} process(es), this run has {world_size}: "
+              f"dropout streams start fresh (seed {seed} + rank)")
 t0, t_start, mfu = time.time(), time.time(), -1.0
 current_dropout = None
 while True:
@@ -360,6 +378,8 @@ while True:
             best_val_loss, evals_without_improvement = losses['val'], 0
         elif iter_num > 0:
             evals_without_improvement += 1
+        saving = iter_num > 0 and not eval_only and (improved or always_save_checkpoint)
+        rng = all_rng_states() if saving else None  # gathered on every rank, saved by rank 0
         if master:
             bpb = f", val bpb {val_bpb:.4f}" if val_bpb else ""
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
@@ -368,11 +388,10 @@ while True:
                  'val_ppl': math.exp(min(losses['val'], 50)), 'val_bpb': val_bpb, 'lr': lr,
                  'dropout': current_dropout, 'time': time.time() - t_start,
                  'moe_load': [s['load'] for s in raw_model.moe_stats()]})
-            if iter_num > 0 and not eval_only:
-                if improved or always_save_checkpoint:
-                    save_checkpoint(ckpt_path)
+            if saving:
+                save_checkpoint(ckpt_path, rng)
                 if improved and always_save_checkpoint:
-                    save_checkpoint(os.path.join(out_dir, 'best.pt'))
+                    save_checkpoint(os.path.join(out_dir, 'best.pt'), rng)
         if eval_only:
             break
         if early_stop_patience and evals_without_improvement >= early_stop_patience:

@@ -136,6 +136,30 @@ def test_ddp_two_processes_match_one_process(tiny_data, tmp_path):
         assert l2[k] == pytest.approx(l1[k], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.skipif(not shutil.which('torchrun') and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), 'torchrun')), reason='torchrun not installed')
+def test_ddp_resume_is_exact_with_dropout(tiny_data, tmp_path):
+    """Each rank draws its own dropout masks; the checkpoint keeps every rank's RNG state, so a 2-process run
+    stopped and resumed reproduces the uninterrupted 2-process run bit for bit."""
+    common = [*TINY, f'--data_dir={tiny_data}', '--eval_interval=4', '--lr_decay_iters=8', '--dropout=0.1',
+              '--gradient_accumulation_steps=2']
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+
+    def ddp(*args):
+        r = subprocess.run([torchrun if os.path.exists(torchrun) else 'torchrun', '--standalone', '--nproc_per_node=2',
+                            'train.py', *common, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    ddp(f'--out_dir={a}', '--max_iters=8')
+    ddp(f'--out_dir={b}', '--max_iters=4')
+    ranks = torch.load(os.path.join(b, 'ckpt.pt'), weights_only=True)['cpu_rng']
+    assert ranks.shape[0] == 2 and not torch.equal(ranks[0], ranks[1])  # two different dropout streams
+    ddp(f'--out_dir={b}', '--max_iters=8', '--init_from=resume')
+    la, lb = train_losses(a), train_losses(b)
+    assert [lb[i] for i in range(5, 9)] == [la[i] for i in range(5, 9)]
+
+
 @pytest.mark.parametrize('args, words', [
     (['--dataset=nope'], ['python prepare.py nope']),
     (['--init_from=resume'], ['no checkpoint to resume']),
