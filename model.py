@@ -294,11 +294,18 @@ class MoE(nn.Module):
             cap = math.ceil(k * N / E * self.capacity)
             rank = onehot.transpose(0, 1).reshape(k * N, E).cumsum(0).view(k, N, E).transpose(0, 1)
             keep = (rank * onehot).sum(-1) <= cap
-        y = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tok, slot = torch.where((chosen == e) & keep)
-            if tok.numel():
-                y.index_add_(0, tok, expert(x[tok]) * gates[tok, slot, None].to(x.dtype))
+        # group the (token, slot) assignments by expert with one sort; dropped ones get id E and sort last.
+        # One host sync for all expert sizes (a torch.where per expert would sync once per expert on GPU).
+        expert_of = torch.where(keep, chosen, E).flatten()           # (N*k,)
+        order = expert_of.argsort(stable=True)                        # within an expert: token order
+        sizes = torch.bincount(expert_of, minlength=E + 1)[:E].tolist()
+        tok, gate = order // k, gates.flatten()[order, None].to(x.dtype)
+        y, start = torch.zeros_like(x), 0
+        for expert, n in zip(self.experts, sizes):
+            if n:
+                rows = tok[start:start + n]
+                y.index_add_(0, rows, expert(x[rows]) * gate[start:start + n])
+            start += n
         if self.shared is not None:
             y = y + self.shared(x)
         # Switch (Fedus et al.) load-balancing loss E * sum_i f_i P_i, with f counting the top-k one-hots
