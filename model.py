@@ -225,8 +225,13 @@ class CausalSelfAttention(nn.Module):
             y = self.attn_dropout(att).to(v.dtype) @ v
         else:
             mask = a.mask if a.mask is None or a.mask.dtype == torch.bool else a.mask.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a.is_causal, scale=self.scale,
-                                               dropout_p=self.attn_dropout.p if self.training else 0.0, enable_gqa=gqa)
+            # MLA: q/k heads are wider than v (hd + rope_dim); the fused kernels want one head dim, so V is
+            # zero-padded and the output cut back (as vLLM's MLA prefill does); else SDPA falls back to math
+            pad = q.size(-1) - v.size(-1) if T > 1 else 0
+            y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad else v, attn_mask=mask,
+                                               is_causal=a.is_causal, scale=self.scale, enable_gqa=gqa,
+                                               dropout_p=self.attn_dropout.p if self.training else 0.0)
+            y = y[..., :hd] if pad else y
             if a.row_ok is not None:
                 y = y * a.row_ok
         y = y.transpose(1, 2).reshape(B, T, H * hd).to(x.dtype)
