@@ -664,3 +664,17 @@ def test_cuda_bf16_manual_equals_sdpa_and_masked_rows_finite():
         logits, loss = m(x, x, pad_mask=pad)
     loss.backward()
     assert torch.isfinite(logits).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_mla_sdpa_avoids_the_math_fallback():
+    """MLA's q/k heads (hd + rope_dim) are wider than v (hd): V is padded so SDPA can pick a fused kernel;
+    the result still equals manual attention."""
+    from torch.profiler import profile
+    m = build(attn_type='mla', pos_emb='rope')
+    ref = build(attn_type='mla', pos_emb='rope', attn_impl='manual')
+    x = tokens()
+    with torch.no_grad(), profile() as p:
+        out = m(x)[0]
+    kernels = [e.key for e in p.key_averages() if 'scaled_dot_product' in e.key]
+    assert kernels and not any('math' in k for k in kernels), kernels
+    torch.testing.assert_close(out, ref(x)[0], atol=1e-5, rtol=1e-5)
