@@ -1,8 +1,9 @@
 """
 Train a GPT. One process on a laptop CPU or a GPU:
     python train.py config/train_shakespeare_char.py --max_iters=2000
-Many processes with DDP (gloo on CPU, nccl on GPU):
+Many processes with DDP (gloo on CPU, nccl on GPU), or FSDP when the model does not fit one device:
     torchrun --standalone --nproc_per_node=2 train.py config/speedrun.py
+    torchrun --standalone --nproc_per_node=8 train.py config/exp2_chatml.py --fsdp=True
 Every global below is a config key (see `python train.py --help`), and so is every field of
 GPTConfig in model.py: a model flag is set with `--pos_emb=rope` and needs no code here.
 """
@@ -64,6 +65,7 @@ min_lr = 6e-5
 device = 'auto'           # auto = cuda > mps > cpu
 dtype = 'auto'            # auto = bf16 where the hardware does it fast, fp16 on old GPUs, else fp32
 compile = False           # torch.compile the model
+fsdp = False              # with torchrun: shard parameters, grads and optimizer state (FSDP2, per block)
 profile = False           # run a few steps under torch.profiler, write out_dir/trace.json, exit
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -127,7 +129,6 @@ if gradient_accumulation_steps % world_size:
         f"{world_size} processes")
 micro_steps = gradient_accumulation_steps // world_size  # per process
 lr_decay_iters = lr_decay_iters or max_iters
-torch.manual_seed(seed + rank)  # dropout differs per rank; data sampling below does not
 
 # data -------------------------------------------------------------------------
 data_dir = data_dir or os.path.join('data', dataset)
@@ -196,13 +197,26 @@ if init_from == 'resume':
         die(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}")
 elif init_from != 'scratch':
     die(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
 try:
     model = GPT(GPTConfig(**model_args))
 except (ValueError, AssertionError, TypeError) as e:
     die(f"bad model config: {e}")
+torch.manual_seed(seed + rank)  # dropout masks differ per rank; data sampling has its own generator
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
 model.to(device)
+if fsdp:  # FSDP2 (fully_shard): each block's parameters live in 1/world_size shards, gathered for its forward
+    if not ddp:
+        die("fsdp=True needs several processes: torchrun --nproc_per_node=N train.py ... --fsdp=True")
+    if dtype == 'float16':
+        die("fsdp=True with float16 needs a sharded GradScaler: use --dtype=bfloat16 or float32")
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_optimizer_state_dict)
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)  # the rest: embeddings, final norm, head
 if master:
     print(f"device {device}, dtype {dtype}, {world_size} process(es), {micro_steps} micro-step(s) of "
           f"{batch_size}x{block_size} tokens per process per step")
@@ -219,7 +233,12 @@ groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 
 fused = device_type == 'cuda'  # the fused kernel is CUDA-only; foreach is the CPU default
 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    if checkpoint.get('fsdp', False) != fsdp:  # FSDP saves optimizer state by parameter name, the others by index
+        die(f"{ckpt_path} was written with fsdp={checkpoint.get('fsdp', False)}: resume with the same --fsdp")
+    if fsdp:
+        set_optimizer_state_dict(model, optimizer, checkpoint['optimizer'], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
@@ -232,7 +251,7 @@ checkpoint = None  # free memory
 raw_model = model  # the unwrapped model: what we save and what exposes helpers
 if compile:
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 
@@ -280,6 +299,18 @@ def estimate_loss():
     return out
 
 
+def checkpoint_state():
+    """What a checkpoint holds besides counters: full model and optimizer state (FSDP gathers the shards) and
+    every rank's RNG states. Collective: every rank calls it, rank 0 saves."""
+    if fsdp:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = dict(model=get_model_state_dict(raw_model, options=opts),
+                     optimizer=get_optimizer_state_dict(raw_model, optimizer, options=opts))
+    else:
+        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict())
+    return dict(state, fsdp=fsdp, **all_rng_states())
+
+
 def all_rng_states():
     """Every rank's RNG states as (world_size, n) uint8 tensors: dropout differs per rank, so an exact resume
     gives each rank its own stream back. Collective: every rank must call it."""
@@ -295,11 +326,11 @@ def all_rng_states():
     return states
 
 
-def save_checkpoint(path, rng):
+def save_checkpoint(path, state):
     ckpt = {
-        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+        **state, 'scaler': scaler.state_dict(),
         'model_args': model_args, 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-        'evals_without_improvement': evals_without_improvement, 'data_rng': data_gen.get_state(), **rng,
+        'evals_without_improvement': evals_without_improvement, 'data_rng': data_gen.get_state(),
     }
     torch.save(ckpt, path + '.tmp')
     os.replace(path + '.tmp', path)  # atomic: a crash never leaves half a checkpoint
@@ -379,7 +410,7 @@ while True:
         elif iter_num > 0:
             evals_without_improvement += 1
         saving = iter_num > 0 and not eval_only and (improved or always_save_checkpoint)
-        rng = all_rng_states() if saving else None  # gathered on every rank, saved by rank 0
+        state = checkpoint_state() if saving else None  # gathered on every rank, saved by rank 0
         if master:
             bpb = f", val bpb {val_bpb:.4f}" if val_bpb else ""
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
@@ -389,9 +420,9 @@ while True:
                  'dropout': current_dropout, 'time': time.time() - t_start,
                  'moe_load': [s['load'] for s in raw_model.moe_stats()]})
             if saving:
-                save_checkpoint(ckpt_path, rng)
+                save_checkpoint(ckpt_path, state)
                 if improved and always_save_checkpoint:
-                    save_checkpoint(os.path.join(out_dir, 'best.pt'), rng)
+                    save_checkpoint(os.path.join(out_dir, 'best.pt'), state)
         if eval_only:
             break
         if early_stop_patience and evals_without_improvement >= early_stop_patience:
@@ -405,12 +436,14 @@ while True:
     offsets = draw_offsets()
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(micro_steps):
-        if ddp:
+        if fsdp:
+            model.set_requires_gradient_sync(micro_step == micro_steps - 1)
+        elif ddp:
             model.require_backward_grad_sync = micro_step == micro_steps - 1
         x, y, m = get_batch('train', offsets[micro_step])
         with ctx:
             _, loss = model(x, y, loss_mask=m, label_smoothing=label_smoothing)
-            loss = loss / gradient_accumulation_steps * world_size  # DDP averages over ranks
+            loss = loss / gradient_accumulation_steps * world_size  # DDP and FSDP average over ranks
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
     if grad_clip > 0:

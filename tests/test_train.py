@@ -160,6 +160,38 @@ def test_ddp_resume_is_exact_with_dropout(tiny_data, tmp_path):
     assert [lb[i] for i in range(5, 9)] == [la[i] for i in range(5, 9)]
 
 
+@pytest.mark.skipif(not shutil.which('torchrun') and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), 'torchrun')), reason='torchrun not installed')
+def test_fsdp_matches_one_process_and_resumes_exactly(tiny_data, tmp_path):
+    """FSDP2 on 2 processes (gloo): the same losses as 1 process, a checkpoint with full (unsharded) weights
+    that sample.py can load, and stop + resume == the uninterrupted FSDP run."""
+    common = [*TINY, f'--data_dir={tiny_data}', '--eval_interval=3', '--lr_decay_iters=6',
+              '--gradient_accumulation_steps=2']
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+
+    def fsdp(*args):
+        r = subprocess.run([torchrun if os.path.exists(torchrun) else 'torchrun', '--standalone', '--nproc_per_node=2',
+                            'train.py', *common, '--fsdp=True', *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, a, b = (str(tmp_path / n) for n in ('one', 'a', 'b'))
+    run_train(common[len(TINY):] + [f'--out_dir={one}', '--max_iters=6'])
+    fsdp(f'--out_dir={a}', '--max_iters=6')
+    l1, la = train_losses(one), train_losses(a)
+    assert sorted(la) == list(range(1, 7))
+    for k in l1:
+        assert la[k] == pytest.approx(l1[k], rel=1e-5, abs=1e-6)
+    ck1 = torch.load(os.path.join(one, 'ckpt.pt'), weights_only=True)
+    cka = torch.load(os.path.join(a, 'ckpt.pt'), weights_only=True)
+    assert cka['fsdp'] and all(cka['model'][n].shape == p.shape for n, p in ck1['model'].items())
+    fsdp(f'--out_dir={b}', '--max_iters=3')
+    fsdp(f'--out_dir={b}', '--max_iters=6', '--init_from=resume')
+    lb = train_losses(b)
+    assert [lb[i] for i in range(4, 7)] == [la[i] for i in range(4, 7)]
+    r = run_train(common[len(TINY):] + [f'--out_dir={b}', '--max_iters=8', '--init_from=resume'], check=False)
+    assert r.returncode == 2 and 'fsdp' in r.stderr  # an FSDP checkpoint resumes with --fsdp=True
+
+
 @pytest.mark.parametrize('args, words', [
     (['--dataset=nope'], ['python prepare.py nope']),
     (['--init_from=resume'], ['no checkpoint to resume']),
