@@ -762,13 +762,11 @@ class PagedKVCache:
         blocks = torch.unique(vis // page)  # logical blocks holding visible tokens, in order
         ids = tab[:, blocks]                # (B, n_blocks) physical ids; offloaded (< 0) ones come first
         n_host = int((ids[0] < 0).sum())
-        hosted = sorted(set(ids[:, :n_host].flatten().tolist()))
         local = torch.searchsorted(blocks, vis // page) * page + vis % page  # visible token -> gathered slot
         dev = ids[:, n_host:].flatten()
         start = int(dev[0]) if len(dev) and torch.equal(dev, torch.arange(len(dev)) + dev[0]) else None
         self._plan = dict(w_blk=tab[:, new // page].to(device), w_off=(new % page).to(device),
-                          dev=dev.to(device), dev_start=start, hosted=hosted,
-                          host=ids[:, :n_host].clone().apply_({h: i for i, h in enumerate(hosted)}.get).flatten(),
+                          dev=dev.to(device), dev_start=start, host=ids[:, :n_host].tolist(), n_host=n_host,
                           n_vis=len(vis), local=None if torch.equal(local, torch.arange(len(vis))) else local.to(device))
 
     def update(self, layer, *xs):
@@ -789,12 +787,14 @@ class PagedKVCache:
             else:  # gather whole blocks: one memcpy each
                 y = p.index_select(slots, plan['dev'])
             y = y.view(mid + (B, y.size(slots) // B * self.page, p.size(-1)))
-            if plan['hosted']:  # bring the offloaded blocks back for this gather only (async from pinned memory)
-                staged = p.new_empty(mid + (len(plan['hosted']),) + p.shape[-2:])
-                for i, h in enumerate(plan['hosted']):
-                    staged[..., i, :, :].copy_(self.host[h][layer][k], non_blocking=True)
-                staged = staged.index_select(slots, plan['host'].to(device))
-                y = torch.cat([staged.view(mid + (B, -1, p.size(-1))), y], dim=-2)
+            if plan['n_host']:  # offloaded blocks come back (async from pinned memory) straight into place
+                page, n_host = self.page, plan['n_host']
+                full = p.new_empty(mid + (B, n_host * page + y.size(-2), p.size(-1)))
+                for b, row in enumerate(plan['host']):
+                    for j, h in enumerate(row):
+                        full[..., b, j * page:(j + 1) * page, :].copy_(self.host[h][layer][k], non_blocking=True)
+                full[..., n_host * page:, :] = y
+                y = full
             y = y.movedim(-3, 0)  # (B, ..., tokens, d)
             out.append(y[..., :plan['n_vis'], :] if plan['local'] is None else y.index_select(-2, plan['local']))
         if layer == self.n_layer - 1:
