@@ -154,7 +154,6 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx, self.n_head, self.n_kv_head = layer_idx, c.n_head, c.n_kv_head
         self.head_dim = hd = c.n_embd // c.n_head
         self.rope, self.qk_norm, self.mla = c.pos_emb == 'rope', c.qk_norm, c.attn_type == 'mla'
-        self.dynamic_rope = c.rope_scaling == 'dynamic'  # frequencies change with length: re-rotate every step
         if self.mla:  # DeepSeek-V2 §2.1: low-rank joint KV compression + decoupled RoPE key shared by heads
             self.kv_rank, self.rope_dim, self.q_low_rank = c.mla_kv_rank, c.mla_rope_dim, c.mla_q_rank > 0
             if self.q_low_rank:
