@@ -123,10 +123,15 @@ def configure(g, argv=None):
     try:
         cfg = parse(argv, defaults)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        die(e)
     g.update(cfg)
     return cfg
+
+
+def die(msg):
+    """A user mistake: one line on stderr, exit code 2 (train.py, sample.py and bench.py share it)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def save_json(obj, path):

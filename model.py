@@ -569,12 +569,10 @@ class GPT(nn.Module):
         attn_sinks + sliding_window - 1 tokens between calls (StreamingLLM), so decoding can go on forever."""
         c = self.config
         keep = c.attn_sinks + c.sliding_window - 1 if c.sliding_window else 0
-        device = device or self.lm_head.weight.device
+        args = dict(device=device or self.lm_head.weight.device, dtype=dtype, keep=keep, sinks=c.attn_sinks)
         if kind == 'paged':
-            return PagedKVCache(c.n_layer, batch_size, max_len, device=device, dtype=dtype, keep=keep,
-                                sinks=c.attn_sinks, page_size=page_size, offload=offload)
-        return ContiguousKVCache(c.n_layer, batch_size, max_len, device=device, dtype=dtype, keep=keep,
-                                 sinks=c.attn_sinks)
+            return PagedKVCache(c.n_layer, batch_size, max_len, page_size=page_size, offload=offload, **args)
+        return ContiguousKVCache(c.n_layer, batch_size, max_len, **args)
 
 
 # ==== KV caches ====

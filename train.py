@@ -10,16 +10,14 @@ GPTConfig in model.py: a model flag is set with `--pos_emb=rope` and needs no co
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from configurator import configure, save_json
+from configurator import configure, die, save_json
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -71,12 +69,6 @@ seed = 1337
 # -----------------------------------------------------------------------------
 globals().update({f.name: f.default for f in fields(GPTConfig) if f.name not in globals()})
 config = configure(globals())
-
-
-def die(msg):
-    """A user mistake: one line, exit code 2."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # distributed setup -------------------------------------------------------------
@@ -162,12 +154,9 @@ def get_batch(split, ix):
     m = None  # mask[i+1] says whether target token i+1 counts
     if mask is not None:
         m = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + block_size].astype(np.float32)) for i in ix])
-    if device_type == 'cuda':
-        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        m = m.pin_memory().to(device, non_blocking=True) if m is not None else None
-    else:
-        x, y, m = x.to(device), y.to(device), (m.to(device) if m is not None else None)
-    return x, y, m
+    if device_type == 'cuda':  # pinned host memory: the copies run asynchronously
+        return tuple(t if t is None else t.pin_memory().to(device, non_blocking=True) for t in (x, y, m))
+    return tuple(t if t is None else t.to(device) for t in (x, y, m))
 
 
 # One generator for the data, identical on every rank: each step draws the offsets of the whole
@@ -236,14 +225,15 @@ if checkpoint is not None:
     if checkpoint.get('fsdp', False) != fsdp:  # FSDP saves optimizer state by parameter name, the others by index
         die(f"{ckpt_path} was written with fsdp={checkpoint.get('fsdp', False)}: resume with the same --fsdp")
     if fsdp:
-        set_optimizer_state_dict(model, optimizer, checkpoint['optimizer'], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, checkpoint['optimizer'],
+                                 options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
     data_gen.set_state(checkpoint['data_rng'])
-    rng_states = (checkpoint['cpu_rng'], checkpoint.get('cuda_rng'))  # restored just before the loop
+    cpu_rng, cuda_rng = checkpoint['cpu_rng'], checkpoint.get('cuda_rng')  # restored just before the loop
     if master:
         print(f"resumed from {ckpt_path} at iter {iter_num}")
 checkpoint = None  # free memory
@@ -314,15 +304,15 @@ def checkpoint_state():
 def all_rng_states():
     """Every rank's RNG states as (world_size, n) uint8 tensors: dropout differs per rank, so an exact resume
     gives each rank its own stream back. Collective: every rank must call it."""
-    states = {'cpu_rng': torch.get_rng_state(),
-              'cuda_rng': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    states = {'cpu_rng': torch.get_rng_state()}
+    if device_type == 'cuda':
+        states['cuda_rng'] = torch.cuda.get_rng_state()
     for k, s in states.items():
-        if s is not None and ddp:
+        parts = [s]
+        if ddp:
             parts = [torch.empty_like(s, device=device) for _ in range(world_size)]
             dist.all_gather(parts, s.to(device))
-            states[k] = torch.stack(parts).cpu()
-        elif s is not None:
-            states[k] = s[None]
+        states[k] = torch.stack(parts).cpu()
     return states
 
 
@@ -381,8 +371,7 @@ if profile:
     prof.start()
     max_iters = iter_num + 5
 if init_from == 'resume':  # dropout masks continue exactly where the stopped run left them, on every rank
-    cpu_rng, cuda_rng = (None if s is None else s if s.dim() == 2 else s[None] for s in rng_states)
-    if cpu_rng.size(0) == world_size:
+    if cpu_rng.size(0) == world_size:  # (world_size, n): one row per rank
         torch.set_rng_state(cpu_rng[rank].clone())  # its own tensor: a row view fails ("Invalid mt19937 state")
         if device_type == 'cuda' and cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng[rank].clone())

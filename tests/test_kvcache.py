@@ -147,7 +147,7 @@ def test_paged_memory_grows_by_blocks_no_leak_small_waste():
     logits, step = sample.start_decoding(model, [1, 2, 3], 100, kv_cache='paged', page_size=page)
     cache = step.cache
     assert cache.stats()['used'] == 1
-    rows, alive = torch.zeros(4, dtype=torch.long), [0, 1, 2, 3]
+    alive = [0, 1, 2, 3]
     for t in range(50):
         tokens = logits.argmax(-1) if logits.size(0) == len(alive) else logits.argmax(-1).expand(len(alive))
         keep = [i for i, r in enumerate(alive) if not on_token(r, int(tokens[i]))]

@@ -25,6 +25,18 @@ def run_train(args, check=True):
     return r
 
 
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+TORCHRUN = TORCHRUN if os.path.exists(TORCHRUN) else shutil.which('torchrun')
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason='torchrun not installed')
+
+
+def run_torchrun(args, nproc=2):
+    """train.py on nproc processes (gloo on CPU), with the same tiny settings as run_train."""
+    r = subprocess.run([TORCHRUN, '--standalone', f'--nproc_per_node={nproc}', 'train.py', *TINY, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def read_log(out_dir):
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         return [json.loads(line) for line in f]
@@ -117,39 +129,27 @@ def test_loss_mask_counts_are_reported(tmp_path):
     assert 'counted by the loss mask' in r.stdout
 
 
-@pytest.mark.skipif(not shutil.which('torchrun') and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), 'torchrun')), reason='torchrun not installed')
+@needs_torchrun
 def test_ddp_two_processes_match_one_process(tiny_data, tmp_path):
-    common = [*TINY, f'--data_dir={tiny_data}', '--eval_interval=100', '--max_iters=4',
-              '--gradient_accumulation_steps=2']
+    common = [f'--data_dir={tiny_data}', '--eval_interval=100', '--max_iters=4', '--gradient_accumulation_steps=2']
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
-    run_train(common[len(TINY):] + [f'--out_dir={one}'])
-    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
-    r = subprocess.run([torchrun if os.path.exists(torchrun) else 'torchrun', '--standalone',
-                        '--nproc_per_node=2', 'train.py', *common, f'--out_dir={two}'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_train(common + [f'--out_dir={one}'])
+    run_torchrun(common + [f'--out_dir={two}'])
     l1, l2 = train_losses(one), train_losses(two)
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
     for k in l1:
         assert l2[k] == pytest.approx(l1[k], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.skipif(not shutil.which('torchrun') and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), 'torchrun')), reason='torchrun not installed')
+@needs_torchrun
 def test_ddp_resume_is_exact_with_dropout(tiny_data, tmp_path):
     """Each rank draws its own dropout masks; the checkpoint keeps every rank's RNG state, so a 2-process run
     stopped and resumed reproduces the uninterrupted 2-process run bit for bit."""
-    common = [*TINY, f'--data_dir={tiny_data}', '--eval_interval=4', '--lr_decay_iters=8', '--dropout=0.1',
+    common = [f'--data_dir={tiny_data}', '--eval_interval=4', '--lr_decay_iters=8', '--dropout=0.1',
               '--gradient_accumulation_steps=2']
-    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
 
     def ddp(*args):
-        r = subprocess.run([torchrun if os.path.exists(torchrun) else 'torchrun', '--standalone', '--nproc_per_node=2',
-                            'train.py', *common, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, 'OMP_NUM_THREADS': '1'})
-        assert r.returncode == 0, r.stderr[-3000:]
+        run_torchrun(common + list(args))
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     ddp(f'--out_dir={a}', '--max_iters=8')
     ddp(f'--out_dir={b}', '--max_iters=4')
@@ -160,22 +160,16 @@ def test_ddp_resume_is_exact_with_dropout(tiny_data, tmp_path):
     assert [lb[i] for i in range(5, 9)] == [la[i] for i in range(5, 9)]
 
 
-@pytest.mark.skipif(not shutil.which('torchrun') and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), 'torchrun')), reason='torchrun not installed')
+@needs_torchrun
 def test_fsdp_matches_one_process_and_resumes_exactly(tiny_data, tmp_path):
     """FSDP2 on 2 processes (gloo): the same losses as 1 process, a checkpoint with full (unsharded) weights
     that sample.py can load, and stop + resume == the uninterrupted FSDP run."""
-    common = [*TINY, f'--data_dir={tiny_data}', '--eval_interval=3', '--lr_decay_iters=6',
-              '--gradient_accumulation_steps=2']
-    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    common = [f'--data_dir={tiny_data}', '--eval_interval=3', '--lr_decay_iters=6', '--gradient_accumulation_steps=2']
 
     def fsdp(*args):
-        r = subprocess.run([torchrun if os.path.exists(torchrun) else 'torchrun', '--standalone', '--nproc_per_node=2',
-                            'train.py', *common, '--fsdp=True', *args], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-        assert r.returncode == 0, r.stderr[-3000:]
+        run_torchrun(common + ['--fsdp=True', *args])
     one, a, b = (str(tmp_path / n) for n in ('one', 'a', 'b'))
-    run_train(common[len(TINY):] + [f'--out_dir={one}', '--max_iters=6'])
+    run_train(common + [f'--out_dir={one}', '--max_iters=6'])
     fsdp(f'--out_dir={a}', '--max_iters=6')
     l1, la = train_losses(one), train_losses(a)
     assert sorted(la) == list(range(1, 7))
@@ -188,7 +182,7 @@ def test_fsdp_matches_one_process_and_resumes_exactly(tiny_data, tmp_path):
     fsdp(f'--out_dir={b}', '--max_iters=6', '--init_from=resume')
     lb = train_losses(b)
     assert [lb[i] for i in range(4, 7)] == [la[i] for i in range(4, 7)]
-    r = run_train(common[len(TINY):] + [f'--out_dir={b}', '--max_iters=8', '--init_from=resume'], check=False)
+    r = run_train(common + [f'--out_dir={b}', '--max_iters=8', '--init_from=resume'], check=False)
     assert r.returncode == 2 and 'fsdp' in r.stderr  # an FSDP checkpoint resumes with --fsdp=True
 
 
