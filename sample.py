@@ -12,6 +12,8 @@ from collections import Counter
 
 import torch
 
+from configurator import configure, die
+
 # -----------------------------------------------------------------------------
 # decoding strategies: functions on logits (B, V) -> logits (B, V), masked entries set to -inf
 
@@ -38,9 +40,7 @@ def ban_repeated_ngrams(logits, seqs, n):
     if n <= 0:
         return logits
     logits = logits.clone()
-    for b, seq in enumerate(seqs):
-        if len(seq) < n - 1:
-            continue
+    for b, seq in enumerate(seqs):  # (shorter than n - 1 tokens: nothing banned)
         key = tuple(seq[len(seq) - n + 1:])
         banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == key]
         logits[b, banned] = float('-inf')
@@ -56,9 +56,8 @@ def top_k_filter(logits, k):
 
 
 def top_p_filter(logits, p):
-    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most probable tokens whose
-    probabilities sum to >= p. Tokens tied with the last kept one are kept too (the set does not depend on
-    the sort order), and the top token always survives, even for p = 0."""
+    """Nucleus sampling (Holtzman et al. 2020): keep the fewest most probable tokens whose probabilities sum to
+    >= p, plus any tied with the last kept one (order-independent); the top token survives even p = 0."""
     if p >= 1.0:
         return logits
     probs = logits.softmax(-1)
@@ -102,11 +101,10 @@ def choose(logits, strategy='sample', temperature=1.0, generator=None):
 # running the model: one prefill, then one token per row per step, on a KV cache or by re-running everything
 
 def start_decoding(model, prompt, max_len, kv_cache='contiguous', page_size=256, offload=False, kv_dtype=None):
-    """Run the prompt (list of ids) once. Returns (logits (1, V) for the next token, step) where
-    step(rows, tokens) appends tokens (B,) to the rows `rows` (B,) of the current batch: rows picks beam
-    parents, expands one prompt to n samples (rows = zeros(n)) or drops finished rows (the cache reorders
-    them: a paged cache shares blocks, copy-on-write). kv_cache='none' re-runs the full context, the reference.
-    kv_dtype: the cache's dtype (default: the activations' dtype)."""
+    """Run the prompt (list of ids) once. Returns (logits (1, V) of the next token, step): step(rows, tokens)
+    appends tokens (B,) to rows `rows` (B,) of the batch, which pick beam parents, expand the prompt to n samples
+    (zeros(n)) or drop finished rows (a paged cache shares blocks, copy-on-write). kv_cache='none' re-runs the
+    whole context, the reference; kv_dtype: the cache's dtype (default: the activations')."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     c = model.config
@@ -114,45 +112,42 @@ def start_decoding(model, prompt, max_len, kv_cache='contiguous', page_size=256,
         print(f"note: learned positions end at block_size={c.block_size} < {max_len} tokens: re-running the "
               f"last {c.block_size} tokens for each new one (kv_cache='none', as nanoGPT)", file=sys.stderr)
         kv_cache = 'none'
-    if kv_cache == 'none':
-        state = {'hist': idx}
-
-        def step(rows, tokens):  # nanoGPT: crop the context to the last block_size tokens
-            state['hist'] = torch.cat([state['hist'][rows.to(device)], tokens.view(-1, 1).to(device)], dim=1)
-            return model(state['hist'][:, -c.block_size:])[0][:, -1]
-        step.cache = None
-        return model(idx[:, -c.block_size:])[0][:, -1], step
-    cache = model.make_kv_cache(1, max_len, kind=kv_cache, page_size=page_size, offload=offload, device=device,
-                                dtype=kv_dtype)
+    cache = None if kv_cache == 'none' else model.make_kv_cache(
+        1, max_len, kind=kv_cache, page_size=page_size, offload=offload, device=device, dtype=kv_dtype)
+    hist = idx  # without a cache (nanoGPT): the whole context, re-run cropped to the last block_size tokens
 
     def step(rows, tokens):
+        nonlocal hist
+        tokens = tokens.view(-1, 1).to(device)
+        if cache is None:
+            hist = torch.cat([hist[rows.to(device)], tokens], dim=1)
+            return model(hist[:, -c.block_size:])[0][:, -1]
         if len(rows) != cache.batch_size or not torch.equal(rows.cpu(), torch.arange(len(rows))):
             cache.reorder(rows.to(device))
-        return model(tokens.view(-1, 1).to(device), kv_cache=cache)[0][:, -1]
+        return model(tokens, kv_cache=cache)[0][:, -1]
     step.cache = cache
-    return model(idx, kv_cache=cache)[0][:, -1], step
+    return model(idx if cache is not None else idx[:, -c.block_size:], kv_cache=cache)[0][:, -1], step
 
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, num_samples=1, strategy='sample', temperature=1.0, seed=None,
              stop_ids=(), on_token=None, kv_cache='contiguous', page_size=256, offload=False, kv_dtype=None,
              **knobs):
-    """Generate num_samples continuations of `prompt` (list of ids) as one batch; returns token lists
-    (stop tokens excluded). on_token(row, token) streams each token as it comes; if it returns True the row
-    stops (used for stop strings). knobs: top_k, top_p, min_p, repetition_penalty, frequency_penalty,
-    presence_penalty, no_repeat_ngram (see process_logits)."""
+    """num_samples continuations of `prompt` (list of ids) as one batch: token lists, stop tokens excluded.
+    on_token(row, token) streams each token; True stops that row (stop strings). knobs: see process_logits."""
     logits, step = start_decoding(model, prompt, len(prompt) + max_new_tokens, kv_cache, page_size, offload,
                                   kv_dtype)
     generator = torch.Generator(device=logits.device)
     generator.manual_seed(seed) if seed is not None else generator.seed()
     penalize = knobs.get('frequency_penalty', 0.0) != 0.0 or knobs.get('presence_penalty', 0.0) != 0.0
     counts = torch.zeros(num_samples, logits.size(-1), device=logits.device) if penalize else None
+    need_seqs = knobs.get('repetition_penalty', 1.0) != 1.0 or knobs.get('no_repeat_ngram', 0) > 0
     out = [[] for _ in range(num_samples)]
     alive = list(range(num_samples))              # original row of each row of the batch
     rows = torch.zeros(num_samples, dtype=torch.long)  # cache row each row extends: first the one prompt row
     logits = logits.expand(num_samples, -1)
     for _ in range(max_new_tokens):
-        seqs = [prompt + out[r] for r in alive]
+        seqs = [prompt + out[r] for r in alive] if need_seqs else None  # O(length) a step: only when used
         logits = process_logits(logits, seqs, counts, temperature, **knobs)
         tokens = choose(logits, strategy, temperature, generator)
         keep = []
@@ -182,13 +177,11 @@ def sequence_score(sum_logprob, length, length_penalty):
 @torch.no_grad()
 def beam_search(model, prompt, max_new_tokens, beam_size=4, length_penalty=1.0, early_stopping=False,
                 eos_ids=(), n_best=None, kv_cache='contiguous', page_size=256, offload=False, kv_dtype=None):
-    """Beam search with all beams as one batch on the cache. Returns up to n_best (default beam_size)
-    (tokens, score) pairs, best first; a hypothesis' length counts its generated tokens including EOS.
-    An EOS extension that ranks among the beam_size best extensions joins the finished pool (the best
-    beam_size are kept); the other extensions compete for the running beams. early_stopping (HF): True stops when
-    beam_size hypotheses are finished; False when the best running beam, scored at the current length,
-    cannot beat the worst finished one (a heuristic); 'never' uses the exact bound (with alpha > 0 a running
-    beam may still gain from growing to max_new_tokens)."""
+    """Beam search, all beams one batch on the cache: up to n_best (default beam_size) (tokens, score) pairs,
+    best first; length = generated tokens incl. EOS. An EOS extension among the beam_size best extensions joins
+    the finished pool (best beam_size kept). early_stopping (HF): True stops at beam_size finished; False when the
+    best running beam scored at the current length cannot beat the worst finished (a heuristic); 'never' uses
+    the exact bound (with alpha > 0 a running beam may still gain up to max_new_tokens)."""
     K, eos = beam_size, list(eos_ids)
     logits, step = start_decoding(model, prompt, len(prompt) + max_new_tokens, kv_cache, page_size, offload,
                                   kv_dtype)
@@ -228,8 +221,7 @@ def beam_search(model, prompt, max_new_tokens, beam_size=4, length_penalty=1.0, 
 # self-consistency (Wang et al. 2022): N sampled reasoning paths, majority vote on the final answers
 
 def extract_answer(text):
-    """The final answer of a completion, by the rule the dataset's answers are checked with (prepare.py):
-    the first non-empty line after the last </think>, before <|im_end|>."""
+    """prepare.extract_answer (the dataset's rule), imported lazily: `import sample` needs no tokenizer deps."""
     from prepare import extract_answer as extract
     return extract(text)
 
@@ -251,9 +243,8 @@ def self_consistent_answer(model, tok, prompt, n=5, extract=extract_answer, **ge
 # ChatML (REFERENCE §15) and streaming text output
 
 def chat_prompt_ids(tok, history, user):
-    """The ids of the conversation so far + a new user turn + the assistant header, encoded exactly as the
-    training data (prepare.encode_chatml: user text as ordinary text, so typing "<|im_end|>" cannot inject
-    the special token). `history` holds the ids of earlier turns, each ending with <|im_end|>."""
+    """history (ids of earlier turns, each ending with <|im_end|>) + a user turn + the assistant header, encoded
+    as the training data (prepare.encode_chatml: typing "<|im_end|>" cannot inject the special token)."""
     from prepare import encode_chatml
     return history + (tok.encode("\n") if history else []) + encode_chatml(tok, user)[0]
 
@@ -276,6 +267,8 @@ class TextStream:
                 return False
         if self.show_think or not self.thinking:
             self.visible.append(token)
+        if not (self.show or self.stop):  # nothing to print or watch for: decode once, in text()
+            return False
         text = self.tok.decode(self.visible)
         stopped = bool(self.stop) and self.stop in text
         text = text.split(self.stop)[0] if stopped else text
@@ -328,17 +321,11 @@ show_think = False        # chat: print the <think>...</think> part too
 self_consistency = 0      # chat --prompt: sample N answers and print the majority vote
 device = 'auto'           # auto = cuda > mps > cpu
 dtype = 'auto'            # weights: auto = bfloat16 on CUDA when supported, else float32. bfloat16 on a CPU
-                          #   without bf16 units: decoding reads half the bytes per token (faster), but a long
-                          #   prompt (matrix-matrix) is much slower
+                          #   without bf16 units: faster decoding (half the bytes), much slower long prompts
 kv_dtype = 'auto'         # KV cache: auto = float32 on CPU (its attention kernels run fp32 fastest), else dtype
 compile = False           # torch.compile the model
 eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin),
 eval_per_type = 20        #   greedy, and --self_consistency=N majority vote; this many exercises per type
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def load(out_dir, device):
@@ -398,9 +385,8 @@ def run_chat(model, tok, gen, stop_ids):
 
 
 def score_exercises(model, tok, exercises, n_vote=0, **gen):
-    """Exact match per exercise type on held-out exercises with checkable answers ({"type", "prompt",
-    "answer"}, as prepare.py synth writes them): greedy, and majority vote over n_vote samples if n_vote > 0.
-    Returns {type: {'n', 'greedy', f'sc@{n_vote}'}} with accuracies in [0, 1]."""
+    """Exact match per type on exercises {"type", "prompt", "answer"} (prepare.py synth): greedy, and the
+    majority vote of n_vote samples if n_vote > 0. Returns {type: {'n', 'greedy', f'sc@{n_vote}'}}, in [0, 1]."""
     from prepare import check_answer
     stop_ids = [tok.special_tokens['<|im_end|>']] + ([tok.eot_id] if tok.eot_id is not None else [])
     scores = {}
@@ -414,8 +400,7 @@ def score_exercises(model, tok, exercises, n_vote=0, **gen):
             answer = self_consistent_answer(model, tok, ids, n_vote, stop_ids=stop_ids, **gen)[0]
             s[f'sc@{n_vote}'] += check_answer(ex['type'], answer, ex['answer'])
     for s in scores.values():
-        for k in s:
-            s[k] = s[k] / s['n'] if k != 'n' else s[k]
+        s.update({k: v / s['n'] for k, v in s.items() if k != 'n'})
     return scores
 
 
@@ -430,26 +415,23 @@ def run_eval(model, tok, data_dir, gen):
         if len(by_type.setdefault(ex['type'], [])) < eval_per_type:
             by_type[ex['type']].append(ex)
     scores = score_exercises(model, tok, [e for exs in by_type.values() for e in exs], self_consistency, **gen)
-    print('| type | n | greedy | ' + (f'sc@{self_consistency} |' if self_consistency else ''))
+    cols = ['greedy'] + ([f'sc@{self_consistency}'] if self_consistency else [])
+    print('| type | n | ' + ' | '.join(cols) + ' |')
     for t, s in scores.items():
-        print(f"| {t} | {s['n']} | {s['greedy']:.3f} | " + (f"{s[f'sc@{self_consistency}']:.3f} |" if self_consistency else ''))
+        print(f"| {t} | {s['n']} | " + ' | '.join(f'{s[c]:.3f}' for c in cols) + ' |')
 
 
 def main():
     global device, dtype, kv_dtype
-    from configurator import configure
     configure(globals())
-    if strategy not in ('greedy', 'sample', 'beam'):
-        die(f"strategy must be greedy|sample|beam, got '{strategy}'")
-    if kv_cache not in ('none', 'contiguous', 'paged'):
-        die(f"kv_cache must be none|contiguous|paged, got '{kv_cache}'")
+    for key, allowed in (('strategy', 'greedy|sample|beam'), ('kv_cache', 'none|contiguous|paged'),
+                         ('dtype', 'auto|float32|bfloat16|float16'), ('kv_dtype', 'auto|float32|bfloat16|float16')):
+        if globals()[key] not in allowed.split('|'):
+            die(f"{key} must be {allowed}, got '{globals()[key]}'")
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     if dtype == 'auto':
         dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
-    for key, v in (('dtype', dtype), ('kv_dtype', kv_dtype)):
-        if v not in ('auto', 'float32', 'bfloat16', 'float16'):
-            die(f"{key} must be auto|float32|bfloat16|float16, got '{v}'")
     torch.manual_seed(seed)
     model, tok, data_dir = load(out_dir, device)
     # inference keeps no fp32 master weights: cast them (half the bytes read per token), no autocast
@@ -487,7 +469,8 @@ def main():
         hyps = beam_search(model, ids, max_new_tokens, beam_size, length_penalty, stopping, stop_ids,
                            n_best, kv_cache, page_size, offload, kv)
         for toks, score in hyps:
-            print(f"--- score {score:.4f} ({len(toks)} tokens)\n{text}{tok.decode([t for t in toks if t not in stop_ids])}")
+            text_out = tok.decode([t for t in toks if t not in stop_ids])
+            print(f"--- score {score:.4f} ({len(toks)} tokens)\n{text}{text_out}")
         return
     streams = [TextStream(tok, show=num_samples == 1, stop=stop) for _ in range(num_samples)]
     if num_samples == 1:
