@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, save_json
+from configurator import configure, die, save_json
 from model import GPT, GPTConfig, ContiguousKVCache
 from sample import beam_search, generate
 
@@ -48,11 +48,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _N_VALUES = 16  # long_context needles: a marker token, then one of _N_VALUES value tokens used nowhere else
 
 
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def cuda():
     return device.startswith('cuda')
 
@@ -64,6 +59,10 @@ def autocast():
 def sync():
     if cuda():
         torch.cuda.synchronize()
+
+
+def size(quick_value, cpu_value, gpu_value):
+    return quick_value if quick else gpu_value if cuda() else cpu_value
 
 
 def tiny_gpt(**kw):
@@ -83,6 +82,38 @@ def timeit(fn, iters=3):
         times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
 
+
+def backward_of(model, fn):
+    """One forward (fn() under autocast) + backward of its sum; the grads are freed."""
+    with autocast():
+        y = fn()
+    y.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def optimizer_step(model, opt, x):
+    """One training step on x (B, T+1); returns the loss (.item() is the sync of a real training loop)."""
+    with autocast():
+        _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def decode_ms(model, prompt, n_new, strategy, warmup, amp=True, top_k=0, **cache_args):
+    """Wall ms of decoding n_new tokens (beam4: beam search, 4 beams), after a warm-up of `warmup` tokens."""
+    def run(n):
+        with autocast() if amp else nullcontext():
+            if strategy == 'beam4':
+                return beam_search(model, prompt, n, beam_size=4, **cache_args)
+            return generate(model, prompt, n, strategy=strategy, seed=seed, top_k=top_k, **cache_args)
+    run(warmup)
+    return timeit(lambda: run(n_new), iters=1)
+
+
+# -----------------------------------------------------------------------------
+# peak memory and the measured points (a fresh subprocess per point on CPU)
 
 def _proc_kib(field):  # VmRSS (now) or VmHWM (peak) of this process, Linux
     with open('/proc/self/status') as f:
@@ -114,16 +145,10 @@ def peak_bytes():
         return r if sys.platform == 'darwin' else r * 1024  # bytes on macOS, KiB on Linux
 
 
-POINTS = {}  # name -> factory(**kw): builds model and inputs, returns run() -> dict of extra numbers or None
-
-
-def point(factory):
-    POINTS[factory.__name__] = factory
-    return factory
-
-
-def measure_here(name, kw, iters=3, warmup=True):
-    run = POINTS[name](**kw)
+# A point (the *_point functions) is a factory(**kw): it builds a model and inputs and returns run() -> dict of
+# extra numbers or None. child() finds it by name in the fresh process.
+def measure_here(factory, kw, iters=3, warmup=True):
+    run = factory(**kw)
     extra = dict(run() or {}) if warmup else {}  # warm-up outside the peak window
     base = reset_peak()
     ms = timeit(lambda: extra.update(run() or {}), iters)
@@ -131,18 +156,18 @@ def measure_here(name, kw, iters=3, warmup=True):
     return {'ms': ms, 'peak_mb': peak / 2**20, 'delta_mb': max(peak - base, 0) / 2**20, **extra}
 
 
-def measure(name, fresh=None, iters=3, warmup=True, **kw):
-    """Time POINTS[name](**kw) and its peak memory: in a fresh subprocess on CPU, in-process on GPU. The child's
+def measure(factory, fresh=None, iters=3, warmup=True, **kw):
+    """Time the point factory(**kw) and its peak memory: in a fresh subprocess on CPU, in-process on GPU. The child's
     malloc gives every block > 64 KiB back to the OS when freed, so its RSS follows the live tensors."""
     fresh = not quick if fresh is None else fresh  # --quick: in-process unless the scenario insists
     if cuda() or not fresh:
-        return measure_here(name, kw, iters, warmup)
-    job = dict(name=name, kw=kw, iters=iters, warmup=warmup, device=device, dtype=dtype, seed=seed,
+        return measure_here(factory, kw, iters, warmup)
+    job = dict(name=factory.__name__, kw=kw, iters=iters, warmup=warmup, device=device, dtype=dtype, seed=seed,
                threads=torch.get_num_threads())
     r = subprocess.run([sys.executable, '-c', 'import bench; bench.child()', json.dumps(job)], cwd=_HERE,
                        capture_output=True, text=True, env={**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'})
     if r.returncode:
-        raise RuntimeError(f"point {name}({kw}) failed:\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"point {factory.__name__}({kw}) failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -151,7 +176,7 @@ def child():
     job = json.loads(sys.argv[1])
     device, dtype, seed = job['device'], job['dtype'], job['seed']
     torch.set_num_threads(job['threads'])
-    print(json.dumps(measure_here(job['name'], job['kw'], job['iters'], job['warmup'])))
+    print(json.dumps(measure_here(globals()[job['name']], job['kw'], job['iters'], job['warmup'])))
 
 
 def maybe_profile(name, fn, steps=4):
@@ -175,10 +200,6 @@ def maybe_profile(name, fn, steps=4):
             p.step()
 
 
-def size(quick_value, cpu_value, gpu_value):
-    return quick_value if quick else gpu_value if cuda() else cpu_value
-
-
 # =============================================================================
 # 1. attention core: the formula by hand vs F.scaled_dot_product_attention, forward + backward
 
@@ -190,9 +211,8 @@ def manual_attention(q, k, v):
     return att.softmax(-1).to(v.dtype) @ v
 
 
-@point
-def attn_point(T, impl, H, D, B=1):
-    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=getattr(torch, dtype), requires_grad=True)
+def attn_point(T, impl, H, D):
+    q, k, v = (torch.randn(1, H, T, D, device=device, dtype=getattr(torch, dtype), requires_grad=True)
                for _ in range(3))
     fn = manual_attention if impl == 'manual' else lambda *qkv: F.scaled_dot_product_attention(*qkv, is_causal=True)
 
@@ -206,7 +226,7 @@ def attention():
     H, D = size((2, 16), (4, 64), (16, 64))
     rows = []
     for T in size([32, 64], [128 * 2**i for i in range(6)], [128 * 2**i for i in range(7)]):  # to 4k CPU, 8k GPU
-        m, s = (measure('attn_point', iters=1 if T >= 2048 else 3, T=T, impl=impl, H=H, D=D)
+        m, s = (measure(attn_point, iters=1 if T >= 2048 else 3, T=T, impl=impl, H=H, D=D)
                 for impl in ('manual', 'sdpa'))
         rows.append(dict(T=T, manual_ms=m['ms'], sdpa_ms=s['ms'], speedup=m['ms'] / s['ms'],
                          manual_mem_mb=m['delta_mb'], sdpa_mem_mb=s['delta_mb'], manual_peak_mb=m['peak_mb'],
@@ -220,28 +240,24 @@ MHSA_VARIANTS = {'mha manual': dict(attn_impl='manual'), 'mha sdpa': {}, 'mqa sd
                  'mla sdpa': dict(attn_type='mla')}
 
 
-@point
-def mhsa_point(T, variant, n_embd, n_head, B=1):
+def mhsa_point(T, variant, n_embd, n_head):
     model = tiny_gpt(n_layer=1, n_head=n_head, n_embd=n_embd, vocab_size=64, block_size=T, pos_emb='rope',
                      **MHSA_VARIANTS[variant])
     attn, pos = model.transformer.h[0].attn, torch.arange(T, device=device)[None]
     a = model.attn_inputs(T, T, pos, pos, None, None, False, device)
-    x = torch.randn(B, T, n_embd, device=device, requires_grad=True)
+    x = torch.randn(1, T, n_embd, device=device, requires_grad=True)
     info = dict(params=sum(p.numel() for p in attn.parameters()),
                 kv_bytes_per_token=model.kv_bytes_per_token(getattr(torch, dtype)))
 
     def run():
-        with autocast():
-            y = attn(x, a)
-        y.float().sum().backward()
-        model.zero_grad(set_to_none=True)
+        backward_of(model, lambda: attn(x, a))
         return info
     return run
 
 
 def mhsa():
     n_embd, n_head = size((32, 2), (256, 4), (768, 12))
-    rows = [dict(T=T, variant=v, **measure('mhsa_point', T=T, variant=v, n_embd=n_embd, n_head=n_head))
+    rows = [dict(T=T, variant=v, **measure(mhsa_point, T=T, variant=v, n_embd=n_embd, n_head=n_head))
             for T in size([32], [512, 2048], [1024, 4096]) for v in MHSA_VARIANTS]
     maybe_profile('mhsa', mhsa_point(rows[-1]['T'], 'mha sdpa', n_embd, n_head))
     return dict(config=dict(n_embd=n_embd, n_head=n_head, B=1, pos_emb='rope', work='forward+backward'), rows=rows)
@@ -253,19 +269,14 @@ FFN_VARIANTS = {'gelu': {}, 'relu2': dict(mlp='relu2'), 'swiglu': dict(mlp='swig
                 'moe top-2 +1 shared': dict(n_experts=8, moe_top_k=2, n_shared_experts=1)}
 
 
-@point
 def ffn_point(variant, n_embd, B, T):
     model = tiny_gpt(n_layer=1, n_head=4, n_embd=n_embd, vocab_size=64, block_size=T, **FFN_VARIANTS[variant])
     ffn, x = model.transformer.h[0].mlp, torch.randn(B, T, n_embd, device=device, requires_grad=True)
-    total = active = sum(p.numel() for p in ffn.parameters())
-    if hasattr(ffn, 'experts'):  # a token runs the router, the shared expert and top_k routed experts
-        active -= (ffn.n_experts - ffn.top_k) * sum(p.numel() for p in ffn.experts[0].parameters())
+    total = sum(p.numel() for p in ffn.parameters())
+    active = total - (model.num_params(False) - model.num_active_params(False))  # MoE: top_k routed experts run
 
     def run():
-        with autocast():
-            y = ffn(x)
-        y.float().sum().backward()
-        model.zero_grad(set_to_none=True)
+        backward_of(model, lambda: ffn(x))
         r = dict(params=total, active_params=active, flops_per_token=6 * active)  # fwd+bwd of the matmul weights
         for s in model.moe_stats():
             r['expert_load_pct'] = [100 * f for f in s['load']]
@@ -277,7 +288,7 @@ def ffn_point(variant, n_embd, B, T):
 
 def ffn():
     n_embd, B, T = size((32, 2, 16), (256, 8, 256), (768, 8, 1024))
-    rows = [dict(variant=v, **measure('ffn_point', fresh=False, variant=v, n_embd=n_embd, B=B, T=T))
+    rows = [dict(variant=v, **measure(ffn_point, fresh=False, variant=v, n_embd=n_embd, B=B, T=T))
             for v in FFN_VARIANTS]
     maybe_profile('ffn', ffn_point('moe top-2 +1 shared', n_embd, B, T))
     return dict(config=dict(n_embd=n_embd, mlp_ratio=4, tokens=B * T, work='forward+backward',
@@ -293,13 +304,7 @@ def decoding():
     prompt, rows = list(range(1, 17)), []
     for cache in ('none', 'contiguous', 'paged'):
         for strategy in ('greedy', 'sample', 'beam4'):
-            def run(n):
-                with autocast():
-                    if strategy == 'beam4':
-                        return beam_search(model, prompt, n, beam_size=4, kv_cache=cache, page_size=page)
-                    return generate(model, prompt, n, strategy=strategy, seed=seed, kv_cache=cache, page_size=page)
-            run(4)  # warm-up
-            ms = timeit(lambda: run(n_new), iters=1)
+            ms = decode_ms(model, prompt, n_new, strategy, warmup=4, kv_cache=cache, page_size=page)
             rows.append(dict(kv_cache=cache, strategy=strategy, new_tokens=n_new, tok_s=1000 * n_new / ms,
                              ms_per_token=ms / n_new))
     maybe_profile('decoding', lambda: generate(model, prompt, 32, kv_cache='paged', page_size=page))
@@ -314,21 +319,20 @@ def decode_target():
     kv_dtype=auto). Targets: cached >= 300 tok/s and >= 60x kv_cache='none'; beam 4 <= 2.5x greedy per token.
     'none' is estimated, not run (~30 min here): its step at context L is one forward over L tokens, timed at
     9 values of L and summed over L = 1..n by linear interpolation."""
-    n_new = size(24, 2047, 2047)
-    kw = size(dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512),
-              dict(n_layer=6, n_head=6, n_embd=384, vocab_size=8192), dict(n_layer=6, n_head=6, n_embd=384, vocab_size=8192))
+    n_new = 24 if quick else 2047
+    kw = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512) if quick else \
+        dict(n_layer=6, n_head=6, n_embd=384, vocab_size=8192)
     runs = [('contiguous', 'greedy'), ('paged', 'greedy'), ('paged+offload', 'greedy'), ('contiguous', 'sample'),
             ('contiguous', 'beam4'), ('paged', 'beam4')]
-    rows, targets, prompt, floor = [], [], [1], {}
+    rows, targets, floor = [], [], {}
     for weights in ('float32', 'bfloat16'):
         model = tiny_gpt(block_size=n_new + 1, pos_emb='rope', **kw).eval().to(getattr(torch, weights))
-        kv = None if cuda() else torch.float32  # None: the activations' dtype
         tok_s = {}
         with torch.no_grad():
             # the memory-bandwidth floor: a decode step reads every weight once; reading them (a sum) takes
-            sums = [timeit(lambda: [p.sum() for p in model.parameters()], iters=1) for _ in range(5)]
-            floor[f'{weights}_weights_read_ms'] = min(sums)
-            floor[f'{weights}_tok_s_ceiling'] = 1000 / min(sums)  # with free attention and no overhead
+            read_ms = min(timeit(lambda: [p.sum() for p in model.parameters()], iters=1) for _ in range(5))
+            floor[f'{weights}_weights_read_ms'] = read_ms
+            floor[f'{weights}_tok_s_ceiling'] = 1000 / read_ms  # with free attention and no overhead
             if weights == 'float32':  # bf16 prompts are matrix-matrix: ~100x slower on CPUs without bf16 units
                 Ls = np.unique(np.linspace(1, n_new, 9).round().astype(int))
                 x = torch.randint(0, kw['vocab_size'], (1, n_new), device=device)
@@ -338,23 +342,17 @@ def decode_target():
                 tok_s['none'] = 1000 * n_new / total_ms
                 rows.append(dict(weights=weights, kv_cache='none (estimated)', strategy='greedy', new_tokens=n_new,
                                  tok_s=tok_s['none'], ms_per_token=total_ms / n_new))
-            for cache, strategy in runs:
-                kind, off = cache.split('+')[0], cache.endswith('offload')
-                args = dict(kv_cache=kind, offload=off, page_size=256, kv_dtype=kv)
-
-                def run(n):
-                    if strategy == 'beam4':
-                        return beam_search(model, prompt, n, beam_size=4, **args)
-                    return generate(model, prompt, n, strategy=strategy, seed=seed, top_k=50, **args)
-                run(8)  # warm-up
-                ms = timeit(lambda: run(n_new), iters=1)
+            for cache, strategy in runs:  # kv_dtype None: the activations' dtype
+                ms = decode_ms(model, [1], n_new, strategy, warmup=8, amp=False, top_k=50,
+                               kv_cache=cache.split('+')[0], offload=cache.endswith('offload'), page_size=256,
+                               kv_dtype=None if cuda() else torch.float32)
                 tok_s[cache, strategy] = 1000 * n_new / ms  # beam: positions per second (4 rows each)
                 rows.append(dict(weights=weights, kv_cache=cache, strategy=strategy, new_tokens=n_new,
                                  tok_s=tok_s[cache, strategy], ms_per_token=ms / n_new))
         greedy = tok_s['contiguous', 'greedy']
+        beam_cost = greedy / tok_s['contiguous', 'beam4']
         targets.append(dict(weights=weights, cached_tok_s=greedy, target_300=greedy >= 300,
-                            beam4_cost_vs_greedy=greedy / tok_s['contiguous', 'beam4'],
-                            target_beam_2_5x=greedy / tok_s['contiguous', 'beam4'] <= 2.5))
+                            beam4_cost_vs_greedy=beam_cost, target_beam_2_5x=beam_cost <= 2.5))
         if 'none' in tok_s:
             targets[-1].update(vs_none=greedy / tok_s['none'], target_60x=greedy / tok_s['none'] >= 60)
     weights_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
@@ -379,7 +377,6 @@ def cache_accounting(model, cache, L):
                 formula_bytes=per_token * slots, nbytes=n, formula_ok=n == per_token * slots)
 
 
-@point
 def kv_point(L, kind, chunk, page, n_layer, n_head, n_embd):
     model = tiny_gpt(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=256, block_size=L, pos_emb='rope').eval()
     idx = torch.randint(256, (1, L), device=device)
@@ -399,7 +396,7 @@ def kvcache():
     lens = size([64, 128], [1024 * 2**i for i in range(4)], [1024 * 2**i for i in range(6)])  # to 8k CPU, 32k GPU
     kw = size(dict(chunk=32, page=16, n_layer=2, n_head=2, n_embd=32), dict(chunk=256, page=256, n_layer=4, n_head=4,
               n_embd=256), dict(chunk=1024, page=256, n_layer=12, n_head=12, n_embd=768))
-    rows = [dict(kind=k, context=L, **measure('kv_point', fresh=True, iters=1, warmup=False, L=L, kind=k, **kw))
+    rows = [dict(kind=k, context=L, **measure(kv_point, fresh=True, iters=1, warmup=False, L=L, kind=k, **kw))
             for k in ('contiguous', 'paged', 'paged+offload') for L in lens]
     for r in rows:
         r['prefill_ms'] = r.pop('ms')
@@ -408,14 +405,14 @@ def kvcache():
 
 
 # 6. train step: ms/batch, tokens/s and MFU against this machine's measured matmul peak
-def matmul_peak(dt, windows=5):
+def matmul_peak(dt):
     """FLOP/s of a square matmul in dtype dt, measured here: the best of a few short windows (a peak, robust to
     a busy machine); a small n for CPU bf16, which may be emulated."""
     n = 256 if quick else 8192 if cuda() else 1024 if dt == torch.float32 else 256
     a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
     a @ b
     best = 0.0
-    for _ in range(2 if quick else windows):
+    for _ in range(2 if quick else 5):
         sync()
         t, k = time.perf_counter(), 0
         while time.perf_counter() - t < 0.1 or k < 2:
@@ -426,7 +423,6 @@ def matmul_peak(dt, windows=5):
     return best
 
 
-@point
 def train_point(model_args, B, T):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**model_args)).to(device).train()
@@ -434,12 +430,7 @@ def train_point(model_args, B, T):
     x = torch.randint(model.config.vocab_size, (B, T + 1), device=device)
 
     def run():
-        with autocast():
-            _, loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()  # the sync of a real training loop
+        optimizer_step(model, opt, x)
         return dict(params=model.num_params(), flops_per_token=model.flops_per_token(T))
     return run
 
@@ -449,7 +440,7 @@ def train_step():
     args = size(dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256), dict(n_layer=4, n_head=4, n_embd=256,
                 vocab_size=4096), dict(n_layer=12, n_head=12, n_embd=768))
     args.update(block_size=T, bias=False)
-    r = measure('train_point', model_args=args, B=B, T=T)
+    r = measure(train_point, model_args=args, B=B, T=T)
     peak = {k: matmul_peak(getattr(torch, k)) for k in ('float32', 'bfloat16')}
     tok_s = B * T / (r['ms'] / 1000)
     mfu = {k: 100 * r['flops_per_token'] * tok_s / p for k, p in peak.items()}
@@ -500,14 +491,9 @@ def train_tiny(pos_emb, text, V, T, steps):
         opt.param_groups[0]['lr'] = 1e-2 * min(1.0, (it + 1) / 50)  # linear warm-up
         sync()
         t = time.perf_counter()
-        with autocast():
-            _, loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
+        loss = optimizer_step(model, opt, x)
         times.append(1000 * (time.perf_counter() - t))
-    print(f"  trained {pos_emb} at T={T}: {steps} steps, final loss {loss.item():.3f}")
+    print(f"  trained {pos_emb} at T={T}: {steps} steps, final loss {loss:.3f}")
     return model.eval(), statistics.median(times[len(times) // 2:])
 
 
@@ -557,9 +543,9 @@ def recall_by_distance(trials, edges, z=1.96):
     """Hit rate per distance bucket with n and the 95% Wilson score interval."""
     rows = []
     for lo, hi in zip(edges, edges[1:]):
-        n = sum(1 for t in trials if lo <= t['distance'] < hi)
-        if n:
-            p = sum(t['hit'] for t in trials if lo <= t['distance'] < hi) / n
+        hits = [t['hit'] for t in trials if lo <= t['distance'] < hi]
+        if hits:
+            n, p = len(hits), sum(hits) / len(hits)
             den = 1 + z * z / n
             c, w = (p + z * z / (2 * n)) / den, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
             rows.append(dict(distance=f'[{lo},{hi})', n=n, recall=p, ci95=[max(0.0, c - w), min(1.0, c + w)]))
@@ -577,7 +563,6 @@ def attention_by_distance(model, x):
                              for lo, hi in zip(bins, bins[1:])}) for i, m in enumerate(maps)]
 
 
-@point
 def decode_point(state_path, model_args, kv_cache, prompt, n_new):
     model = GPT(GPTConfig(**model_args)).to(device).eval()
     model.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
@@ -589,11 +574,10 @@ def decode_point(state_path, model_args, kv_cache, prompt, n_new):
 
 
 def long_context_models(T, steps):
-    """{pos_emb: (model, ms per batch of 8 or None)}, needles, val tokens. --ckpt: the user's model; needle = a
+    """{pos_emb: (model, ms per training batch of 8)}, needles, val tokens. --ckpt: the user's model; needle = a
     12-token snippet of val, query = its first 8 tokens, answer = the next 4. Else tiny models trained here;
     needle = marker + value, query = marker, answer = value."""
     global data_dir
-    rng = torch.Generator().manual_seed(seed)
     if ckpt:
         try:
             model, ck = GPT.from_checkpoint(ckpt)
@@ -601,9 +585,10 @@ def long_context_models(T, steps):
             die(f"cannot load checkpoint {ckpt}: {type(e).__name__}: {e}")
         cfg = ck.get('config', {})
         data_dir = data_dir or cfg.get('data_dir') or os.path.join(_HERE, 'data', cfg.get('dataset', ''))
-        val = text_tokens('val')[0]
+        val, rng = text_tokens('val')[0], torch.Generator().manual_seed(seed)
         snips = [val[i:i + 12].tolist() for i in torch.randint(len(val) - 12, (8,), generator=rng).tolist()]
-        return {model.config.pos_emb: (model.to(device).eval(), None)}, [(s, s[:8], s[8:]) for s in snips], val
+        ms_batch = measure(train_point, model_args=model.config.__dict__, B=8, T=model.config.block_size)['ms']
+        return {model.config.pos_emb: (model.to(device).eval(), ms_batch)}, [(s, s[:8], s[8:]) for s in snips], val
     text, V = text_tokens('train')
     models = {p: train_tiny(p, text, V, T, steps) for p in ('sinusoidal', 'rope', 'alibi')}
     return models, [([V, V + 1 + j], [V], [V + 1 + j]) for j in range(8)], text_tokens('val')[0]
@@ -630,9 +615,8 @@ def long_context():
     rows, recall = [], []
     for name, model in variants:
         trials = needle_recall(model, val, needles, lengths, [0.0, 0.25, 0.5, 0.75, 1.0])
-        nll = token_nll(model, seqs)
-        rows.append(dict(variant=name, train_len=T, ppl_train_ctx=ppl_by_bucket(nll, [0, T])[f'ppl[0,{T})'],
-                         **ppl_by_bucket(nll, edges),
+        ppl = ppl_by_bucket(token_nll(model, seqs), edges)  # edges start 0, T: the first bucket is the train context
+        rows.append(dict(variant=name, train_len=T, ppl_train_ctx=ppl[f'ppl[0,{T})'], **ppl,
                          needle_recall=sum(t['hit'] for t in trials) / max(1, len(trials))))
         recall += [dict(variant=name, **r)
                    for r in recall_by_distance(trials, [0, T // 2, T, 2 * T, 4 * T, 8 * T, 16 * T + 1])]
@@ -646,10 +630,9 @@ def long_context():
     n_new, course = min(size(16, 256, 1024), max_len - 16), []
     for label, p, cache in table:
         model, ms_batch = models[p]
-        ms_batch = ms_batch or measure('train_point', model_args=model.config.__dict__, B=8, T=T)['ms']
         path = os.path.join(out, f'_state_{p}.pt')
         torch.save(model.state_dict(), path)
-        r = measure('decode_point', iters=1, state_path=path, model_args=model.config.__dict__, kv_cache=cache,
+        r = measure(decode_point, iters=1, state_path=path, model_args=model.config.__dict__, kv_cache=cache,
                     prompt=val[:16].tolist(), n_new=n_new)
         os.remove(path)
         course.append({'Config': label, 'PPL': next(row for row in rows if row['variant'] == p)['ppl_train_ctx'],
@@ -718,23 +701,24 @@ def pyplot():
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
 
 
+def save_fig(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def make_plots(results, out_dir):
     """Decoding speed bars, memory vs context, expert load, latency vs PPL, attention by distance + head maps."""
     plt, S = pyplot(), results['scenarios']
     if plt is None:
         return
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name), dpi=120)
-        plt.close(fig)
     if 'decoding' in S:
         fig, ax = plt.subplots(figsize=(7, 4))
         rows = S['decoding']['rows']
         ax.bar([f"{r['strategy']}\n{r['kv_cache']}" for r in rows], [r['tok_s'] for r in rows],
                color=['C0', 'C1', 'C2'] * 3)
         ax.set(ylabel='tokens/s', title='decoding speed, batch 1')
-        save(fig, 'decoding.png')
+        save_fig(plt, fig, os.path.join(out_dir, 'decoding.png'))
     if 'kvcache' in S:
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, kind in enumerate(dict.fromkeys(r['kind'] for r in S['kvcache']['rows'])):
@@ -744,21 +728,21 @@ def make_plots(results, out_dir):
             ax.plot(ctx, [r['device_cache_mb'] for r in rows], 'x--', color=f'C{i}', label=f'{kind}: cache on device')
         ax.set(xlabel='context length', ylabel='MiB', xscale='log', title='KV-cache memory vs context')
         ax.legend(fontsize=7)
-        save(fig, 'kvcache_memory.png')
+        save_fig(plt, fig, os.path.join(out_dir, 'kvcache_memory.png'))
     moe = [r for r in S.get('ffn', {}).get('rows', []) if 'expert_load_pct' in r]
     if moe:
         fig, axes = plt.subplots(1, len(moe), figsize=(5 * len(moe), 3.5), squeeze=False)
         for ax, r in zip(axes[0], moe):
             ax.bar(range(len(r['expert_load_pct'])), r['expert_load_pct'])
             ax.set(xlabel='expert', ylabel='% of routed assignments', title=r['variant'])
-        save(fig, 'expert_load.png')
+        save_fig(plt, fig, os.path.join(out_dir, 'expert_load.png'))
     if 'long_context' in S:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in S['long_context']['course_table']:
             ax.scatter(1000 / r['Tokens/s'], r['PPL'])
             ax.annotate(r['Config'], (1000 / r['Tokens/s'], r['PPL']), fontsize=7)
         ax.set(xlabel='ms per decoded token', ylabel='PPL', title='latency vs perplexity')
-        save(fig, 'latency_vs_ppl.png')
+        save_fig(plt, fig, os.path.join(out_dir, 'latency_vs_ppl.png'))
         maps = np.load(os.path.join(out_dir, 'attn_maps.npy'))  # (layers, heads, W, W)
         L, H = maps.shape[:2]
         fig, axes = plt.subplots(L, H + 1, figsize=(2.4 * H + 3, 2.4 * L), squeeze=False)
@@ -770,7 +754,7 @@ def make_plots(results, out_dir):
             for h in range(H):
                 axes[layer][h + 1].imshow(maps[layer, h])
                 axes[layer][h + 1].set(title=f'layer {layer} head {h}', xticks=[], yticks=[])
-        save(fig, 'attention.png')
+        save_fig(plt, fig, os.path.join(out_dir, 'attention.png'))
 
 
 def load_runs(dirs):
@@ -782,10 +766,10 @@ def load_runs(dirs):
             os.path.join(d, s) for s in os.listdir(d) if os.path.isfile(os.path.join(d, s, 'log.jsonl')))
         if not runs:
             die(f"no log.jsonl in {d} nor in its subdirectories: pass train.py out_dirs")
+        group = groups.setdefault(re.sub(r'[-_]seed\d+$', '', os.path.basename(os.path.normpath(d))), [])
         for r in runs:
             with open(os.path.join(r, 'log.jsonl')) as f:
-                groups.setdefault(re.sub(r'[-_]seed\d+$', '', os.path.basename(os.path.normpath(d))), []).append(
-                    [json.loads(line) for line in f if line.strip()])
+                group.append([json.loads(line) for line in f if line.strip()])
     return groups
 
 
@@ -817,8 +801,7 @@ def plot_runs(dirs, out_dir):
     ax.set(xlabel='iteration', ylabel='loss', title='training curves (mean +- std over seeds)')
     ax.legend(fontsize=7)
     os.makedirs(out_dir, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, 'loss_curves.png'), dpi=120)
+    save_fig(plt, fig, os.path.join(out_dir, 'loss_curves.png'))
     print(f"wrote {os.path.join(out_dir, 'loss_curves.png')}")
 
 
@@ -835,7 +818,8 @@ def main(argv=None):
     configure(globals(), argv)
     if plot_dirs:
         return plot_runs(plot_dirs, out)
-    names = [n for n in SCENARIOS if n not in OPT_IN] if scenario == 'all' else [s.strip() for s in scenario.split(',') if s.strip()]
+    names = [n for n in SCENARIOS if n not in OPT_IN] if scenario == 'all' else \
+        [s.strip() for s in scenario.split(',') if s.strip()]
     if not names or any(n not in SCENARIOS for n in names):
         die(f"unknown scenario in '{scenario}': choose from {', '.join(SCENARIOS)} (comma-separated) or all")
     if ckpt and not os.path.isfile(ckpt):
