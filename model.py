@@ -5,6 +5,7 @@ SDPA) `CausalSelfAttention`; `Norm`; `MLP` (gelu, gelu_tanh, relu2, swiglu); `Mo
 counts and FLOP/KV estimates in `GPT`; KV caches at the end. Formulas: ../shared/REFERENCE.md.
 """
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,14 @@ class GPTConfig:
         check(self.pos_emb != 'rope' or rope_dim % 2 == 0, f"RoPE needs an even rotary dim, got {rope_dim}")
         check(self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts,
               f"moe_top_k={self.moe_top_k} must be in [1, n_experts={self.n_experts}]")
+
+
+# Flags that change what the model computes but no parameter shape, and what may change them later:
+# a resumed run takes RUNTIME_FLAGS from its command line (the rest of the architecture comes from the
+# checkpoint); sample.py and bench.py may override INFERENCE_FLAGS on a trained checkpoint (context extension,
+# streaming with sinks, the attention kernel).
+RUNTIME_FLAGS = ('dropout', 'grad_checkpoint', 'attn_impl', 'moe_aux_coef', 'moe_z_coef', 'moe_capacity')
+INFERENCE_FLAGS = ('rope_scaling', 'rope_factor', 'sliding_window', 'attn_sinks', 'attn_impl')
 
 
 # -----------------------------------------------------------------------------
@@ -498,7 +507,9 @@ class GPT(nn.Module):
         if pad_mask is not None:
             w = w * pad_mask[:, -T:].reshape(-1).float()
         loss = (ce * w).sum() / w.sum().clamp(min=1.0)
-        return logits, loss + aux
+        # MoE aux terms are a training objective: in eval mode the loss is the cross-entropy alone, so val loss,
+        # ppl and bpb compare fairly with dense models (the terms are still in self.aux_losses)
+        return logits, loss + aux if self.training else loss
 
     # ---- dropout schedule, counts and estimates ----
 
@@ -573,6 +584,41 @@ class GPT(nn.Module):
         if kind == 'paged':
             return PagedKVCache(c.n_layer, batch_size, max_len, page_size=page_size, offload=offload, **args)
         return ContiguousKVCache(c.n_layer, batch_size, max_len, **args)
+
+
+def peak_flops(device='cpu', dtype=torch.float32, quick=False):
+    """Peak matmul FLOP/s of ONE device, the denominator of MFU (train.py and bench.py). Known GPUs: the dense
+    spec sheet value (bf16/fp16 tensor cores, TF32 for fp32); otherwise measured here: the best of a few 0.1 s
+    windows of a square matmul (a peak: a busy machine only ever makes a window slower). n starts at 256 and
+    grows to 1024 (8192 on GPU) unless one product is slow (a CPU without bf16 units emulates bf16 ~100x slower)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    device = torch.device(device)
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        specs = {'H100': (989e12, 495e12), 'H200': (989e12, 495e12), 'A100': (312e12, 156e12)}  # (bf16, tf32)
+        for gpu, (half, tf32) in specs.items():
+            if gpu in name:
+                return tf32 if dtype == torch.float32 else half
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    n = 256
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    t = time.perf_counter()
+    a @ a  # also warms up the thread pool / kernels
+    sync()
+    if not quick and time.perf_counter() - t < 0.01:
+        n = 8192 if device.type == 'cuda' else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(2 if quick else 5):
+        sync()
+        t, k = time.perf_counter(), 0
+        while time.perf_counter() - t < 0.1 or k < 2:
+            a @ b
+            k += 1
+        sync()
+        best = max(best, 2 * n ** 3 * k / (time.perf_counter() - t))
+    return best
 
 
 # ==== KV caches ====

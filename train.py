@@ -471,4 +471,11 @@ if master:
     print(f"done: {iter_num} iters in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}")
     log_file.close()
 if ddp:
+    # A gloo worker thread frees each collective's Work after waking the caller; the RNG all_gather's Work holds
+    # tensors that are Python objects, and freeing them takes the GIL. A rank with nothing left to do (not the
+    # one saving) could reach interpreter shutdown first, and a thread asking for the GIL during shutdown is ended
+    # by pthread_exit inside a noexcept destructor: std::terminate, SIGABRT ("terminate called without an active
+    # exception"). Waiting here for every rank gives the workers time to finish; the barrier's own Work holds no
+    # Python tensors. DDP keeps the process group alive, so destroying it does not join the workers.
+    dist.barrier()
     dist.destroy_process_group()
