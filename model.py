@@ -65,13 +65,20 @@ class GPTConfig:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         check(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
-        head_dim = self.n_embd // self.n_head
-        self.mla_kv_rank = self.mla_kv_rank or 4 * head_dim
-        self.mla_rope_dim = self.mla_rope_dim or max(2, head_dim // 2)
-        rope_dim = self.mla_rope_dim if self.attn_type == 'mla' else head_dim
-        check(self.pos_emb != 'rope' or rope_dim % 2 == 0, f"RoPE needs an even rotary dim, got {rope_dim}")
+        self.mla_kv_rank = self.mla_kv_rank or 4 * self.head_dim
+        self.mla_rope_dim = self.mla_rope_dim or max(2, self.head_dim // 2)
+        check(self.pos_emb != 'rope' or self.rope_dim % 2 == 0,
+              f"RoPE needs an even rotary dim, got {self.rope_dim}")
         check(self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts,
               f"moe_top_k={self.moe_top_k} must be in [1, n_experts={self.n_experts}]")
+
+    @property
+    def head_dim(self):  # per attention head (q, k, v; MLA's no-RoPE part of q/k and its v)
+        return self.n_embd // self.n_head
+
+    @property
+    def rope_dim(self):  # dims RoPE rotates: MLA's decoupled key/query part, else the whole head
+        return self.mla_rope_dim if self.attn_type == 'mla' else self.head_dim
 
 
 # Flags that change what the model computes but no parameter shape, and what may change them later:
@@ -161,10 +168,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         c = config
         self.layer_idx, self.n_head, self.n_kv_head = layer_idx, c.n_head, c.n_kv_head
-        self.head_dim = hd = c.n_embd // c.n_head
+        self.head_dim = hd = c.head_dim
         self.rope, self.qk_norm, self.mla = c.pos_emb == 'rope', c.qk_norm, c.attn_type == 'mla'
         if self.mla:  # DeepSeek-V2 §2.1: low-rank joint KV compression + decoupled RoPE key shared by heads
-            self.kv_rank, self.rope_dim, self.q_low_rank = c.mla_kv_rank, c.mla_rope_dim, c.mla_q_rank > 0
+            self.kv_rank, self.rope_dim, self.q_low_rank = c.mla_kv_rank, c.rope_dim, c.mla_q_rank > 0
             if self.q_low_rank:
                 self.wq_a = nn.Linear(c.n_embd, c.mla_q_rank, bias=False)
                 self.q_norm = Norm(c.mla_q_rank, 'rmsnorm')
@@ -381,10 +388,14 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_weights:  # one matrix embeds and un-embeds (Press & Wolf 2017), as GPT-2
             self.transformer.wte.weight = self.lm_head.weight
-        # flags resolved once; forward reads only these
-        self.pos_emb, self.softcap, self.grad_checkpoint = c.pos_emb, c.logit_softcap, c.grad_checkpoint
-        self.manual = c.attn_impl == 'manual'
-        self.rope_dim = c.mla_rope_dim if c.attn_type == 'mla' else c.n_embd // c.n_head
+        # flags resolved once; forward and attn_inputs read only these (so editing self.config afterwards changes
+        # nothing: to override flags, e.g. INFERENCE_FLAGS, build a new GPT from the edited config and load the weights)
+        self.pos_emb, self.emb_norm, self.block_size = c.pos_emb, c.emb_norm, c.block_size
+        self.rope_dim, self.rope_base = c.rope_dim, c.rope_base
+        self.rope_scaling, self.rope_factor = c.rope_scaling, c.rope_factor
+        self.sliding_window, self.attn_sinks, self.manual = c.sliding_window, c.attn_sinks, c.attn_impl == 'manual'
+        self.softcap, self.grad_checkpoint = c.logit_softcap, c.grad_checkpoint
+        self.moe_aux_coef, self.moe_z_coef = c.moe_aux_coef, c.moe_z_coef
         self.register_buffer('slopes', alibi_slopes(c.n_head) if c.pos_emb == 'alibi' else None, persistent=False)
         self.moe_layers = [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
         self.aux_losses, self.last_attn = {}, None
@@ -395,7 +406,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, c.init_std / math.sqrt(2 * c.n_layer))
                 if c.zero_init:  # every residual branch starts as the identity (nanochat, modded-nanogpt)
                     nn.init.zeros_(p)
-        if c.zero_init and not c.tie_weights:
+        if c.zero_init and not c.tie_weights:  # a tied head is the embedding table: zeroing it would zero every input
             nn.init.zeros_(self.lm_head.weight)  # initial loss = ln(vocab_size) exactly
 
     def _init_weights(self, module):
@@ -408,13 +419,12 @@ class GPT(nn.Module):
         """Positions and masks for T new queries over S visible keys (REFERENCE §1.2): causal is
         bottom-right aligned, then AND sliding window (|| sinks), key padding and the user's selective mask.
         rerotate: the cache holds keys before RoPE (it evicts, or dynamic NTK): tables for all S keys too."""
-        c = self.config
         a = AttnInputs(manual=self.manual or return_attn, weights=[] if return_attn else None)
         if self.pos_emb == 'rope':
-            n = max(S, c.block_size) if c.rope_scaling == 'dynamic' else 0  # only dynamic NTK depends on length
+            n = max(S, self.block_size) if self.rope_scaling == 'dynamic' else 0  # only dynamic NTK depends on length
             if (n, device) not in self.rope_freqs:  # memo: decoding would otherwise rebuild them every token
-                inv_freq, mscale = rope_frequencies(self.rope_dim, c.rope_base, c.rope_scaling, c.rope_factor,
-                                                    c.block_size, n)
+                inv_freq, mscale = rope_frequencies(self.rope_dim, self.rope_base, self.rope_scaling,
+                                                    self.rope_factor, orig_len=self.block_size, seq_len=n)
                 self.rope_freqs[n, device] = inv_freq.to(device), mscale
             inv_freq, mscale = self.rope_freqs[n, device]
             ang = (kpos if rerotate else qpos)[:, None, :, None].float() * inv_freq  # (B|1, 1, S|T, d/2)
@@ -422,16 +432,16 @@ class GPT(nn.Module):
             a.cos, a.sin = cos[:, :, -T:], sin[:, :, -T:]
             if rerotate:
                 a.k_cos, a.k_sin = cos, sin
-        plain = (T == S or T == 1) and pad_mask is None and attn_mask is None and not c.sliding_window
+        plain = (T == S or T == 1) and pad_mask is None and attn_mask is None and not self.sliding_window
         if plain and not a.manual and self.pos_emb != 'alibi':
             a.is_causal = T > 1  # flash/efficient kernels, no mask tensor
             return a
         i = torch.arange(T, device=device)[:, None] + (S - T)
         allowed = (torch.arange(S, device=device)[None, :] <= i)[None, None]  # (1, 1, T, S)
-        if c.sliding_window:  # keys at distance < W, plus the first attn_sinks positions
-            near = (qpos[:, :, None] - kpos[:, None, :]) < c.sliding_window
-            if c.attn_sinks:
-                near = near | (kpos[:, None, :] < c.attn_sinks)
+        if self.sliding_window:  # keys at distance < W, plus the first attn_sinks positions
+            near = (qpos[:, :, None] - kpos[:, None, :]) < self.sliding_window
+            if self.attn_sinks:
+                near = near | (kpos[:, None, :] < self.attn_sinks)
             allowed = allowed & near[:, None]
         if pad_mask is not None:
             allowed = allowed & pad_mask[:, None, None, :]
@@ -468,17 +478,18 @@ class GPT(nn.Module):
         qpos = kpos[:, -T:]  # positions are indices into the visible window (StreamingLLM re-indexing)
 
         x = self.transformer.wte(idx)
-        if self.config.emb_norm:
+        if self.emb_norm:
             x = self.transformer.ln_emb(x)
         if self.pos_emb == 'learned':
-            assert S <= self.config.block_size, f"length {S} > block_size {self.config.block_size} (learned positions)"
+            assert S <= self.block_size, f"length {S} > block_size {self.block_size} (learned positions)"
             x = x + self.transformer.wpe(qpos)
         elif self.pos_emb == 'sinusoidal':  # token embeddings scaled by sqrt(d) (Vaswani et al. 2017, 3.4):
             # at init std 0.02 they would otherwise be drowned by the unit-amplitude sinusoids
             x = x * math.sqrt(x.size(-1)) + sinusoidal_embedding(qpos, x.size(-1)).to(x.dtype)
         x = self.transformer.drop(x)
-        rerotate = kv_cache is not None and (getattr(kv_cache, 'keep', 0) or self.config.rope_scaling == 'dynamic')
-        a = self.attn_inputs(T, S, kpos, qpos, pad_mask, attn_mask, return_attn, device, rerotate)
+        rerotate = kv_cache is not None and (getattr(kv_cache, 'keep', 0) or self.rope_scaling == 'dynamic')
+        a = self.attn_inputs(T, S, kpos=kpos, qpos=qpos, pad_mask=pad_mask, attn_mask=attn_mask,
+                             return_attn=return_attn, device=device, rerotate=rerotate)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, a, kv_cache, use_reentrant=False)
@@ -496,7 +507,7 @@ class GPT(nn.Module):
             moe_aux = torch.stack([m.aux_loss for m in self.moe_layers]).mean()
             moe_z = torch.stack([m.z_loss for m in self.moe_layers]).mean()
             self.aux_losses = {'moe_aux': moe_aux.detach(), 'moe_z': moe_z.detach()}
-            aux = self.config.moe_aux_coef * moe_aux + self.config.moe_z_coef * moe_z
+            aux = self.moe_aux_coef * moe_aux + self.moe_z_coef * moe_z
         if targets is None:
             return logits, None
         ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
@@ -544,17 +555,16 @@ class GPT(nn.Module):
         T = seq_len or c.block_size
         if c.sliding_window:
             T = min(T, c.sliding_window + c.attn_sinks)
-        hd = c.n_embd // c.n_head
-        d_qk = hd + (c.mla_rope_dim if c.attn_type == 'mla' else 0)
-        return 6 * self.num_active_params() + 6 * c.n_layer * c.n_head * T * (d_qk + hd)
+        d_qk = c.head_dim + c.rope_dim if c.attn_type == 'mla' else c.head_dim
+        return 6 * self.num_active_params() + 6 * c.n_layer * c.n_head * T * (d_qk + c.head_dim)
 
     def kv_bytes_per_token(self, dtype=torch.bfloat16):
         """KV-cache bytes per token: 2*L*Hkv*Dh*bytes (MHA/GQA) or L*(kv_rank + rope_dim)*bytes (MLA latent)."""
         c = self.config
         size = (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize
         if c.attn_type == 'mla':
-            return c.n_layer * (c.mla_kv_rank + c.mla_rope_dim) * size
-        return 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * size
+            return c.n_layer * (c.mla_kv_rank + c.rope_dim) * size
+        return 2 * c.n_layer * c.n_kv_head * c.head_dim * size
 
     def moe_stats(self):
         """Per MoE layer, from the last forward: load = fraction of routed assignments per expert (sums to 1),
@@ -579,8 +589,8 @@ class GPT(nn.Module):
         """A cache for model(idx, kv_cache=cache). With sliding_window the cache may keep only
         attn_sinks + sliding_window - 1 tokens between calls (StreamingLLM), so decoding can go on forever."""
         c = self.config
-        keep = c.attn_sinks + c.sliding_window - 1 if c.sliding_window else 0
-        args = dict(device=device or self.lm_head.weight.device, dtype=dtype, keep=keep, sinks=c.attn_sinks)
+        keep = self.attn_sinks + self.sliding_window - 1 if self.sliding_window else 0
+        args = dict(device=device or self.lm_head.weight.device, dtype=dtype, keep=keep, sinks=self.attn_sinks)
         if kind == 'paged':
             return PagedKVCache(c.n_layer, batch_size, max_len, page_size=page_size, offload=offload, **args)
         return ContiguousKVCache(c.n_layer, batch_size, max_len, **args)

@@ -358,6 +358,12 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         return self.enc.decode(ids) if self.enc is not None else "".join(self.itos[i] for i in ids)
 
+    def text_bytes(self, ids):
+        """UTF-8 bytes of the text of ids, special tokens left out (bpb counts text bytes, as nanochat)."""
+        specials = set(self.special_tokens.values())
+        ids = [int(i) for i in ids if int(i) not in specials]
+        return len(self.enc.decode_bytes(ids)) if self.enc is not None else len(self.decode(ids).encode("utf-8"))
+
 
 def train_bpe(docs, n_ranks, pattern=SPLIT_PATTERN):
     """Byte-level BPE (Sennrich et al. 2016; the minbpe/rustbpe algorithm, DATA.md 4.1) -> tiktoken mergeable
@@ -826,19 +832,26 @@ def prepare(name, cfg):
             masks[split] = np.fromiter(itertools.chain.from_iterable(m + [0] for _, m in encoded), dtype=np.uint8)
     if cfg["max_doc_tokens"] > 0:
         curation["max_doc_tokens"] = cfg["max_doc_tokens"]
-    val_bytes = sum(len(SPECIAL_RE.sub("", d).encode("utf-8")) for d in docs["val"])  # text bytes only, for bpb
+    # bytes_per_token turns val loss into bpb (train.py: loss / ln 2 / bytes_per_token), so it averages over the
+    # tokens that loss averages over: every val token, or with a loss mask the counted ones (text bytes only)
+    val_bytes = sum(len(SPECIAL_RE.sub("", d).encode("utf-8")) for d in docs["val"])
+    bytes_per_token = bytes_all = val_bytes / max(1, splits["val"].size)
+    if "val" in masks:
+        counted = masks["val"] == 1
+        bytes_per_token = tok.text_bytes(splits["val"][counted]) / max(1, int(counted.sum()))
 
     dtype = "uint16" if tok.vocab_size < 65536 else "uint32"
     tok_file = "chars.json" if kind == "char" else "tokenizer.tiktoken"
     meta = dict(dataset=name, source=corpus["source"], sha256=corpus["sha256"], tokenizer=kind,
                 vocab_size=tok.vocab_size, dtype=dtype, train_tokens=int(splits["train"].size),
-                val_tokens=int(splits["val"].size), bytes_per_token=val_bytes / max(1, splits["val"].size),
+                val_tokens=int(splits["val"].size), bytes_per_token=bytes_per_token,
+                **({"bytes_per_token_all": bytes_all} if masks else {}),
                 special_tokens=tok.special_tokens, eot_id=tok.eot_id, curation=curation, tokenizer_file=tok_file,
                 tokenizer_pattern=(GPT2_PATTERN if kind == "gpt2" else SPLIT_PATTERN) if kind != "char" else None,
                 **({f"{s}_mask_tokens": int(m.sum()) for s, m in masks.items()}), **corpus.get("extra", {}))
     write_dataset(out_dir, tok, splits, masks, meta, corpus.get("files", {}))
     print(f"{name}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {tok.vocab_size} "
-          f"({kind}), {meta['bytes_per_token']:.2f} bytes/token -> {out_dir}")
+          f"({kind}), {meta['bytes_per_token']:.2f} bytes/{'counted ' if masks else ''}token -> {out_dir}")
     return meta
 
 

@@ -28,7 +28,8 @@ logit_softcap = 15.0        # 15 * tanh(logits / 15)
 norm = 'rmsnorm_noparam'    # LayerNorm -> parameter-free RMSNorm
 mlp = 'relu2'               # GELU -> ReLU^2 (set --mlp=swiglu for SwiGLU at the same parameter count)
 tie_weights = True          # embedding and head share one matrix
-zero_init = True            # lm_head / c_proj / out_proj start at zero
+zero_init = True            # attn and MLP c_proj start at zero (blocks start as the identity); the tied head
+                            #   keeps N(0, 0.02): it is the embedding, and zeroing it would zero every input
 bias = False
 
 # -- phase 3: optimizer. AdamW groups: decay 0.1 on matrices, none on norms and embeddings

@@ -204,6 +204,42 @@ def test_rope_preserves_norm_and_is_relative():
     assert dot(5, 2).item() != pytest.approx(dot(5, 3).item(), abs=1e-3)
 
 
+def model_rope_tables(model, pos):
+    """cos, sin as the model builds them for its attention (rope_frequencies + angles in attn_inputs)."""
+    pos = torch.as_tensor(pos)[None]
+    a = model.attn_inputs(pos.size(1), pos.size(1), kpos=pos, qpos=pos, pad_mask=None, attn_mask=None,
+                          return_attn=False, device=pos.device)
+    return a.cos, a.sin  # (1, 1, T, d/2)
+
+
+def test_rope_rotates_by_hand_computed_angles():
+    m = build(pos_emb='rope', n_embd=8, n_head=2)  # head_dim 4: pairs (0, 2) at theta_0 = 1, (1, 3) at 1e4^(-1/2)
+    cos, sin = model_rope_tables(m, [0, 1, 2, 3])
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    got = apply_rope(x.view(1, 1, 1, 4), cos[:, :, 3:], sin[:, :, 3:]).flatten().tolist()
+    c0, s0, c1, s1 = math.cos(3.0), math.sin(3.0), math.cos(0.03), math.sin(0.03)  # position 3 * theta_i
+    want = [1 * c0 - 3 * s0, 2 * c1 - 4 * s1, 3 * c0 + 1 * s0, 4 * c1 + 2 * s1]  # (x1 cos - x2 sin, x2 cos + x1 sin)
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def rotate_half(x):  # HF Llama's reference
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def test_rope_equals_rotate_half_reference():
+    torch.manual_seed(0)
+    m = build(pos_emb='rope')  # head_dim 8
+    pos = torch.arange(40)
+    cos, sin = model_rope_tables(m, pos)
+    q = torch.randn(2, 4, 40, 8)
+    # HF LlamaRotaryEmbedding: inv_freq = 1 / base^(2i/d), freqs duplicated over both halves; float64 here
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    emb = torch.cat([pos[:, None] * inv_freq] * 2, dim=-1)
+    want = q.double() * emb.cos() + rotate_half(q.double()) * emb.sin()
+    torch.testing.assert_close(apply_rope(q, cos, sin), want.float(), atol=1e-5, rtol=0)
+
+
 def test_rope_linear_interpolation_maps_positions_exactly():
     cos_pi, sin_pi = rope_tables([4 * m for m in range(50)], scaling='linear', factor=4.0)
     cos, sin = rope_tables(list(range(50)))
@@ -395,6 +431,30 @@ def test_qk_norm_changes_output_and_trains():
     assert loss_drops(qk_norm=True, pos_emb='rope')
 
 
+@pytest.mark.parametrize('attn_type', ['mha', 'mla'])
+def test_qk_norm_gives_unit_rms_q_and_k(attn_type, monkeypatch):
+    """The q and k that reach attention have RMS 1 over head_dim, per head and position, only with qk_norm."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    def spy(q, k, v, **kw):
+        seen.append((q, k))
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
+    m = build(pos_emb='rope', qk_norm=True, n_kv_head=2, attn_type=attn_type)
+    for model, normed in ((m, True), (twin(m, qk_norm=False), False)):
+        seen.clear()
+        with torch.no_grad():
+            model(tokens())
+        assert len(seen) == 2  # one call per layer
+        for q, k in seen:
+            for t in (q, k):
+                rms = t.square().mean(-1).sqrt()  # (B, heads, T)
+                if normed:
+                    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+                else:
+                    assert (rms - 1).abs().min() > 0.5
+
+
 # ---- norms, MLPs, training -------------------------------------------------------------------
 
 def loss_drops(steps=25, **kw):
@@ -430,6 +490,33 @@ def test_variant_trains(kw):
     m = build(**kw)
     assert m(tokens())[0].shape == (2, 16, V)
     assert loss_drops(**kw)
+
+
+@pytest.mark.parametrize('norm', ['layernorm', 'rmsnorm', 'rmsnorm_noparam'])
+@pytest.mark.parametrize('pos_emb', ['rope', 'learned'])
+def test_emb_norm_normalises_the_token_embedding(norm, pos_emb):
+    """With emb_norm block 0 gets the normalised token embedding (learned positions are added after the norm)."""
+    x = tokens()
+    for emb_norm in (True, False):
+        m = build(emb_norm=emb_norm, norm=norm, pos_emb=pos_emb)
+        seen = []
+        m.transformer.h[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        with torch.no_grad():
+            m(x)
+        h = seen[0] - (m.transformer.wpe.weight[:16] if pos_emb == 'learned' else 0)
+        e = m.transformer.wte.weight[x].detach()
+        rms = h.square().mean(-1).sqrt()
+        if not emb_norm:
+            torch.testing.assert_close(h, e)
+            assert rms.max() < 0.1  # N(0, 0.02) rows: far from unit scale
+            continue
+        if norm == 'layernorm':  # weight 1, bias 0 at init; eps 1e-5 (it shows: var(e) is only 4e-4)
+            want = (e - e.mean(-1, keepdim=True)) / (e.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+            assert h.mean(-1).abs().max() < 1e-5
+        else:  # RMSNorm, eps 1e-6
+            want = e / (e.square().mean(-1, keepdim=True) + 1e-6).sqrt()
+        torch.testing.assert_close(h, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rms, torch.ones_like(rms), atol=0.03, rtol=0)
 
 
 def test_mlp_variants_and_param_counts():
@@ -497,6 +584,21 @@ def test_moe_aux_and_z_loss():
     extra = loss - m2(tokens(), tokens(seed=4))[1]
     want = 0.01 * m.aux_losses['moe_aux'] + 0.001 * m.aux_losses['moe_z']
     assert extra.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_moe_loss_is_cross_entropy_in_eval_and_adds_aux_terms_in_train():
+    """Val loss/ppl/bpb are the cross-entropy alone; training adds moe_aux_coef*aux + moe_z_coef*z."""
+    m = GPT(tiny(n_experts=4, moe_top_k=2, moe_aux_coef=0.5, moe_z_coef=0.1))
+    x, y = tokens(), tokens(seed=4)
+    for training in (False, True):
+        m.train(training)
+        logits, loss = m(x, y)
+        ce = F.cross_entropy(logits.view(-1, V), y.view(-1))
+        assert set(m.aux_losses) == {'moe_aux', 'moe_z'}  # reported in both modes
+        want = ce + 0.5 * m.aux_losses['moe_aux'] + 0.1 * m.aux_losses['moe_z'] if training else ce
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+        if training:
+            assert loss.item() > ce.item() + 0.5  # the aux terms are really there (z-loss >= 0, aux >= top_k)
 
 
 def test_moe_capacity_drops_tokens_and_reports():
@@ -601,6 +703,34 @@ def test_gpt2_small_counts_and_estimates():
     with torch.device('meta'):
         assert GPT(GPTConfig(n_kv_head=4)).kv_bytes_per_token(torch.bfloat16) == 12_288
         assert GPT(GPTConfig(sliding_window=128)).flops_per_token() == 6 * 123_689_472 + 12 * 12 * 12 * 64 * 128
+
+
+def test_forward_reads_flags_resolved_in_init_not_config():
+    class NoConfig:
+        def __getattr__(self, name):
+            raise AssertionError(f"forward read config.{name}: resolve it in GPT.__init__")
+    for kw in (dict(pos_emb='rope', rope_scaling='dynamic', rope_factor=2.0, block_size=8, emb_norm=True, qk_norm=True),
+               dict(pos_emb='alibi', sliding_window=4, attn_sinks=2, attn_impl='manual', logit_softcap=5.0),
+               dict(pos_emb='learned', n_experts=2, moe_top_k=1, grad_checkpoint=True),
+               dict(attn_type='mla', pos_emb='rope', rope_scaling='yarn', rope_factor=2.0, sliding_window=6)):
+        m = build(**kw)
+        cache = m.make_kv_cache(2, 20)
+        m.config = NoConfig()
+        m.train()
+        m(tokens(), tokens(seed=2))[1].backward()
+        m.eval()
+        with torch.no_grad():
+            m(tokens(T=5), kv_cache=cache, return_attn=True)
+            m(tokens(T=1), kv_cache=cache)
+
+
+def test_head_dim_and_rope_dim_have_one_home():
+    assert tiny().head_dim == 8 and tiny().rope_dim == 8
+    mla = tiny(attn_type='mla', mla_rope_dim=4)
+    assert mla.head_dim == 8 and mla.rope_dim == 4
+    assert tiny(attn_type='mla').rope_dim == 4  # default head_dim // 2
+    m = GPT(mla)
+    assert m.rope_dim == 4 and m.transformer.h[0].attn.head_dim == 8 and m.transformer.h[0].attn.rope_dim == 4
 
 
 def test_config_roundtrip_and_validation():

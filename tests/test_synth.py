@@ -165,6 +165,28 @@ def test_prepare_synth_local_end_to_end(tmp_path):
     assert set(exercises[0]) == {"id", "type", "prompt", "answer"}
 
 
+@pytest.mark.parametrize("args", [["--vocab_size=400"], ["--vocab_size=400", "--train_user=True"],
+                                  ["--tokenizer=char"]])
+def test_bytes_per_token_averages_over_the_counted_tokens(tmp_path, args):
+    """With a loss mask, val loss averages over counted tokens, so bytes_per_token (bpb = loss / ln 2 / it) is
+    their text bytes / their number. Recomputed here from the decoded conversations, not from token bytes."""
+    out = tmp_path / "out"
+    assert prepare.main(["synth", "--source=local", "--n_samples=300", f"--out={out}", *args]) == 0
+    meta = json.load(open(out / "meta.json"))
+    tok = prepare.load_tokenizer(out)
+    ids = np.fromfile(out / "val.bin", dtype=np.uint16)
+    mask = np.fromfile(out / "val_mask.bin", dtype=np.uint8)
+    text = tok.decode(ids)
+    convs = [prepare.CHAT_RE.fullmatch(c) for c in text.split("<|endoftext|>")[:-1]]
+    train_user = "--train_user=True" in args
+    # counted: the assistant turn "<think>R</think>\nA<|im_end|>" (+ the user's "U<|im_end|>"); specials: 0 bytes
+    counted_bytes = sum(len((c[2] + "\n" + c[3] + (c[1] if train_user else "")).encode()) for c in convs)
+    assert meta["bytes_per_token"] == pytest.approx(counted_bytes / mask.sum(), rel=1e-12)
+    all_bytes = len(prepare.SPECIAL_RE.sub("", text).encode())
+    assert meta["bytes_per_token_all"] == pytest.approx(all_bytes / len(ids), rel=1e-12)
+    assert meta["bytes_per_token"] != pytest.approx(meta["bytes_per_token_all"], rel=1e-3)  # they do differ
+
+
 # ---------------------------------------------------------------- rows API (faked)
 
 class FakeRowsAPI:
