@@ -31,8 +31,8 @@ class ConfigError(Exception):
 
 
 def config_keys(g):
-    """The configurable keys of a script: public globals of simple types."""
-    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, SIMPLE_TYPES)]
+    """The configurable keys of a script: public globals of simple types (UPPER_CASE names are constants)."""
+    return [k for k, v in g.items() if not k.startswith('_') and not k.isupper() and isinstance(v, SIMPLE_TYPES)]
 
 
 def _unknown(key, keys):
