@@ -4,10 +4,12 @@ What does a component cost, and what does it buy? Benchmarks that write tables a
     python bench.py --scenario=attention,kvcache --out=bench_out
     python bench.py --quick                            # tiny sizes, seconds (the tests run this)
     python bench.py --scenario=long_context --ckpt=out-x/ckpt.pt
+    python bench.py --scenario=long_context --ckpt=out-x/ckpt.pt --eval_len=1024 --sliding_window=256 --attn_sinks=4
     python bench.py --profile                          # + torch.profiler chrome traces and op tables
     python bench.py --plot out-a out-b                 # loss curves of runs (+-std over runs named *-seedN)
 Scenarios (one function each): attention, mhsa, ffn, decoding, kvcache, train, long_context; decode_target
-(issue 5's decoding speed targets, ~6 min on CPU) runs only when named: --scenario=decode_target.
+(batch-1 decoding speed of a 6-layer model over 2047 tokens against fixed targets, ~6 min on CPU) runs only
+when named: --scenario=decode_target. --ckpt takes the inference overrides of sample.py (model.INFERENCE_FLAGS).
 Writes OUT/results.json (every number, with device, dtype, torch version and config) and OUT/results.md.
 Peak memory (REFERENCE §11.5): torch.cuda.max_memory_allocated() after a reset on GPU; on CPU the peak RSS
 (VmHWM) of a fresh subprocess per point. `delta_mb` = peak minus the memory after set-up and one warm-up run:
@@ -29,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure, die, save_json
-from model import GPT, GPTConfig, ContiguousKVCache
-from sample import beam_search, generate
+from model import GPT, GPTConfig, ContiguousKVCache, peak_flops
+from sample import beam_search, generate, load_checkpoint, model_overrides, reject_shape_flags
 
 # -----------------------------------------------------------------------------
 scenario = 'all'       # comma-separated scenario names, or all
@@ -38,7 +40,14 @@ out = 'bench_out'      # results.json, results.md, traces, plots
 quick = False          # tiny sizes: seconds, for the tests
 profile = False        # torch.profiler: OUT/trace_NAME.json (Perfetto) + key_averages table per scenario
 ckpt = ''              # long_context: evaluate this checkpoint instead of training tiny models
+rope_scaling = None    # --ckpt only: model.INFERENCE_FLAGS overrides as in sample.py; None keeps the checkpoint's
+rope_factor = None
+sliding_window = None
+attn_sinks = None
+attn_impl = None
 data_dir = ''          # long_context text; default data/shakespeare_char if prepared, else synthetic words
+eval_len = 0           # long_context: tokens per evaluated sequence and the RoPE scalings' target length;
+                       #   0 = 64x the tiny models' context on CPU (8192), 128x on GPU (32768)
 device = 'auto'        # auto = cuda > cpu
 dtype = 'auto'         # auto = bfloat16 on CUDA, float32 on CPU (AVX2 CPUs emulate bf16 ~100x slower)
 seed = 1337
@@ -180,21 +189,26 @@ def child():
 
 
 def maybe_profile(name, fn, steps=4):
-    """--profile: fn under torch.profiler (wait 1, warm-up 1, record the rest); writes OUT/trace_NAME.json and
-    prints + saves the key_averages table (CUDA time on GPU, CPU time otherwise)."""
+    """--profile: fn under torch.profiler (wait 1, warm-up 1, record the rest); writes OUT/trace_NAME.json (ops,
+    allocations, and the Python frames above each op) and prints + saves the table of ops (CUDA time on GPU, CPU
+    time otherwise)."""
     if not profile:
         return
     from torch.profiler import ProfilerActivity, schedule
 
     def ready(p):
         p.export_chrome_trace(os.path.join(out, f'trace_{name}.json'))
-        table = p.key_averages().table(sort_by='cuda_time_total' if cuda() else 'cpu_time_total', row_limit=15)
+        frames = {e.name for e in p.events() if e.is_python_function}
+        ops = p.key_averages()
+        ops[:] = [a for a in ops if a.key not in frames]  # the frames are in the trace; the table ranks ops
+        table = ops.table(sort_by='cuda_time_total' if cuda() else 'cpu_time_total', row_limit=15)
         print(table)
         with open(os.path.join(out, f'profile_{name}.txt'), 'w') as f:
             f.write(table)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else [])
     with torch.profiler.profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=steps - 2, repeat=1),
-                                on_trace_ready=ready, record_shapes=True, profile_memory=True) as p:
+                                on_trace_ready=ready, record_shapes=True, profile_memory=True,
+                                with_stack=True) as p:  # with_stack: which line of which function launched an op
         for _ in range(steps):
             fn()
             p.step()
@@ -312,7 +326,10 @@ def decoding():
                             note='beam4 tok/s counts the tokens of the returned hypothesis (4 rows run)'), rows=rows)
 
 
-# 4b. issue 5's decoding target (opt-in: --scenario=decode_target, ~6 min on a 2-core CPU)
+# 4b. decoding speed at length: 2047 tokens, batch 1, against fixed targets (opt-in, ~6 min on a 2-core CPU)
+TARGETS_TITLE = 'targets: cached >= 300 tok/s and >= 60x no cache, beam 4 <= 2.5x greedy'
+
+
 def decode_target():
     """6L/6H/384 RoPE, vocab 8192, batch 1, 2047 new tokens from a 1-token prompt, random weights: tok/s per
     cache and strategy, for fp32 weights and bf16 weights (with an fp32 KV cache on CPU, as sample.py's
@@ -359,7 +376,7 @@ def decode_target():
     return dict(config=dict(**kw, pos_emb='rope', batch=1, prompt=1, new_tokens=n_new, page_size=256,
                             fp32_weights_mb=weights_mb, **floor,
                             note='beam4 tok/s = positions per second (4 beams each); none is estimated'),
-                rows=rows, tables={'targets (issue 5)': targets})
+                rows=rows, tables={TARGETS_TITLE: targets})
 
 
 # 5. KV-cache memory vs context length: contiguous, paged, paged + offload of old blocks to CPU memory
@@ -404,25 +421,7 @@ def kvcache():
                             'on CPU both copies live in RAM'), rows=rows)
 
 
-# 6. train step: ms/batch, tokens/s and MFU against this machine's measured matmul peak
-def matmul_peak(dt):
-    """FLOP/s of a square matmul in dtype dt, measured here: the best of a few short windows (a peak, robust to
-    a busy machine); a small n for CPU bf16, which may be emulated."""
-    n = 256 if quick else 8192 if cuda() else 1024 if dt == torch.float32 else 256
-    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-    a @ b
-    best = 0.0
-    for _ in range(2 if quick else 5):
-        sync()
-        t, k = time.perf_counter(), 0
-        while time.perf_counter() - t < 0.1 or k < 2:
-            a @ b
-            k += 1
-        sync()
-        best = max(best, 2 * n**3 * k / (time.perf_counter() - t))
-    return best
-
-
+# 6. train step: ms/batch, tokens/s and MFU against model.peak_flops (the one train.py uses too)
 def train_point(model_args, B, T):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**model_args)).to(device).train()
@@ -441,7 +440,7 @@ def train_step():
                 vocab_size=4096), dict(n_layer=12, n_head=12, n_embd=768))
     args.update(block_size=T, bias=False)
     r = measure(train_point, model_args=args, B=B, T=T)
-    peak = {k: matmul_peak(getattr(torch, k)) for k in ('float32', 'bfloat16')}
+    peak = {k: peak_flops(device, k, quick=quick) for k in ('float32', 'bfloat16')}
     tok_s = B * T / (r['ms'] / 1000)
     mfu = {k: 100 * r['flops_per_token'] * tok_s / p for k, p in peak.items()}
     row = dict(batch=B, T=T, ms_per_batch=r['ms'], tok_s=tok_s, params=r['params'],
@@ -451,7 +450,8 @@ def train_step():
                mfu_vs_fp32_pct=mfu['float32'], mfu_vs_bf16_pct=mfu['bfloat16'])
     maybe_profile('train', train_point(args, B, T))
     return dict(config=dict(model=args, optimizer='AdamW', dtype=dtype, mfu='6N + 12LHQT (no causal halving), '
-                            'mfu_pct against the measured matmul peak of the training dtype'), rows=[row])
+                            'mfu_pct against model.peak_flops of the training dtype (spec sheet on known GPUs, '
+                            'else measured)'), rows=[row])
 
 
 # 7. long context: perplexity by position bucket beyond the training length; needle in a haystack
@@ -579,10 +579,7 @@ def long_context_models(T, steps):
     needle = marker + value, query = marker, answer = value."""
     global data_dir
     if ckpt:
-        try:
-            model, ck = GPT.from_checkpoint(ckpt)
-        except Exception as e:
-            die(f"cannot load checkpoint {ckpt}: {type(e).__name__}: {e}")
+        model, ck = load_checkpoint(ckpt, model_overrides(globals()))
         cfg = ck.get('config', {})
         data_dir = data_dir or cfg.get('data_dir') or os.path.join(_HERE, 'data', cfg.get('dataset', ''))
         val, rng = text_tokens('val')[0], torch.Generator().manual_seed(seed)
@@ -595,27 +592,32 @@ def long_context_models(T, steps):
 
 
 def long_context():
-    T, steps, eval_len = size((32, 20, 128), (128, 400, 8192), (256, 1000, 32768))
+    T, steps, n_eval = size((32, 20, 128), (128, 400, 8192), (256, 1000, 32768))
     models, needles, val = long_context_models(T, steps)
     first = next(iter(models.values()))[0]
     T = first.config.block_size
     max_len = T if first.config.pos_emb == 'learned' else 10**9  # learned positions stop at block_size
-    eval_len = min(eval_len, max_len)
-    edges = sorted({0, T} | {e for e in (eval_len // 8, eval_len // 2, eval_len) if e > T})  # 0,128,1k,4k,8k
+    n_eval = min(eval_len or n_eval, max_len)  # eval_len: the config key
+    if n_eval >= len(val):
+        die(f"eval_len={n_eval} needs more than the {len(val)} val tokens of {text_source()}")
+    edges = sorted({0, T} | {e for e in (n_eval // 8, n_eval // 2, n_eval) if e > T})  # 0,128,1k,4k,8k
     variants = [(p, m) for p, (m, _) in models.items()]
     if 'rope' in models:  # the same weights under each context-extension scaling (REFERENCE §2.4)
         for s in ('linear', 'ntk', 'yarn', 'dynamic'):
-            v = GPT(GPTConfig(**{**models['rope'][0].config.__dict__, 'rope_scaling': s, 'rope_factor': eval_len / T}))
+            v = GPT(GPTConfig(**{**models['rope'][0].config.__dict__, 'rope_scaling': s, 'rope_factor': n_eval / T}))
             v.load_state_dict(models['rope'][0].state_dict())
-            variants.append((f'rope {s} x{eval_len / T:g}', v.to(device).eval()))
-    starts = torch.randint(len(val) - eval_len, (size(1, 2, 4),), generator=torch.Generator().manual_seed(seed))
-    seqs = torch.stack([torch.from_numpy(val[i:i + eval_len]) for i in starts.tolist()]).to(device)
+            variants.append((f'rope {s} x{n_eval / T:g}', v.to(device).eval()))
+    starts = torch.randint(len(val) - n_eval, (size(1, 2, 4),), generator=torch.Generator().manual_seed(seed))
+    seqs = torch.stack([torch.from_numpy(val[i:i + n_eval]) for i in starts.tolist()]).to(device)
     lengths = [L for L in (T // 4, T // 2, T, 2 * T, 4 * T, 8 * T, 16 * T)
-               if sum(map(len, needles[0][:2])) + 4 <= L <= min(16 * T, eval_len - 4)]
+               if sum(map(len, needles[0][:2])) + 4 <= L <= min(16 * T, n_eval - 4)]
     rows, recall = [], []
     for name, model in variants:
         trials = needle_recall(model, val, needles, lengths, [0.0, 0.25, 0.5, 0.75, 1.0])
-        ppl = ppl_by_bucket(token_nll(model, seqs), edges)  # edges start 0, T: the first bucket is the train context
+        # a streaming model token by token, as it decodes: its cache puts positions inside the window, where a
+        # long chunk would put the sinks at their absolute distance
+        nll = token_nll(model, seqs, chunk=1 if model.config.sliding_window else 1024)
+        ppl = ppl_by_bucket(nll, edges)  # edges start 0, T: the first bucket is the train context
         rows.append(dict(variant=name, train_len=T, ppl_train_ctx=ppl[f'ppl[0,{T})'], **ppl,
                          needle_recall=sum(t['hit'] for t in trials) / max(1, len(trials))))
         recall += [dict(variant=name, **r)
@@ -638,8 +640,8 @@ def long_context():
         course.append({'Config': label, 'PPL': next(row for row in rows if row['variant'] == p)['ppl_train_ctx'],
                        'Tokens/s': 1000 * n_new / r['ms'], 'Peak mem': r['peak_mb'], 'decode_delta_mb': r['delta_mb'],
                        'ms/batch': ms_batch})
-    return dict(config=dict(ckpt=ckpt or None, data=text_source(), train_len=T,
-                            train_steps=0 if ckpt else steps, eval_len=eval_len, rope_factor=eval_len / T,
+    return dict(config=dict(ckpt=ckpt or None, overrides=model_overrides(globals()), data=text_source(),
+                            train_len=T, train_steps=0 if ckpt else steps, eval_len=n_eval, rope_factor=n_eval / T,
                             model='ckpt' if ckpt else dict(n_layer=2, n_head=4, n_embd=64),
                             course_table=f'PPL over positions [0, {T}) of val; Tokens/s: greedy, batch 1, {n_new} new '
                                          'tokens; Peak mem of that decoding; ms/batch: train step at batch 8'),
@@ -815,7 +817,12 @@ def main(argv=None):
         argv = argv[:i] + [a for a in argv[i + 1:] if a.startswith('--')]
         if not plot_dirs:
             die("--plot needs run directories: python bench.py --plot out-a out-b")
+    reject_shape_flags(argv, 'bench.py')
     configure(globals(), argv)
+    if eval_len < 0:
+        die(f"eval_len={eval_len} is out of range: eval_len must be >= 0 (0 = the scenario's default)")
+    if model_overrides(globals()) and not ckpt:
+        die("the inference overrides (rope_scaling, sliding_window, ...) apply to --ckpt=PATH only")
     if plot_dirs:
         return plot_runs(plot_dirs, out)
     names = [n for n in SCENARIOS if n not in OPT_IN] if scenario == 'all' else \

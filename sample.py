@@ -3,16 +3,18 @@ Sample from a trained model:
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
     python sample.py --out_dir=out-x --strategy=beam --beam_size=4 --length_penalty=0.6
     python sample.py --out_dir=out-exp2 --chat            # interactive ChatML chat (--prompt="..." for one turn)
+    python sample.py --out_dir=out-x --sliding_window=256 --attn_sinks=4 --max_new_tokens=4096   # stream
 Decoding strategies are plain functions on logits (B, V); `generate` and `beam_search` run them on a
 KV cache (model.py); the CLI at the bottom only wires config keys to them. Formulas: REFERENCE.md §12.
 """
+import glob
 import os
 import sys
 from collections import Counter
 
 import torch
 
-from configurator import configure, die
+from configurator import ConfigError, coerce, configure, die
 
 # -----------------------------------------------------------------------------
 # decoding strategies: functions on logits (B, V) -> logits (B, V), masked entries set to -inf
@@ -293,14 +295,14 @@ class TextStream:
 
 # -----------------------------------------------------------------------------
 # CLI: every global below is a config key (`python sample.py --help`); configurator.py applies overrides
-out_dir = 'out'           # directory with ckpt.pt (from train.py)
+out_dir = 'out'           # directory with ckpt.pt; not given and out/ has none: the newest out*/ckpt.pt here
 start = '\n'              # prompt text, or FILE:path to read it from a file
 num_samples = 1           # samples drawn as one batch (streamed to the terminal when 1)
 max_new_tokens = 500
 strategy = 'sample'       # greedy | sample | beam
 temperature = 0.8         # 0 = greedy
 top_k = 200               # 0 = off; ties at the k-th logit are kept
-top_p = 1.0               # nucleus; 1.0 = off
+top_p = 1.0               # nucleus, in [0, 1]: 1.0 = off, 0 = only the most probable token(s)
 min_p = 0.0               # 0 = off; 0.05-0.1 is a common value
 repetition_penalty = 1.0  # CTRL/HF; 1.2 is the paper's suggestion
 frequency_penalty = 0.0   # OpenAI convention, counts generated tokens only
@@ -326,19 +328,106 @@ kv_dtype = 'auto'         # KV cache: auto = float32 on CPU (its attention kerne
 compile = False           # torch.compile the model
 eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin),
 eval_per_type = 20        #   greedy, and --self_consistency=N majority vote; this many exercises per type
+# model.INFERENCE_FLAGS, applied to the checkpoint's model_args; None keeps the checkpoint's value. Shape flags
+# (n_layer, vocab_size, ...) are fixed by the trained weights.
+rope_scaling = None       # none | linear | ntk | dynamic | yarn: RoPE context extension (REFERENCE §2.4)
+rope_factor = None        # the extension factor s >= 1: e.g. target length / block_size
+sliding_window = None     # W > 0: attend to the last W tokens, stream past block_size on a bounded cache; 0 = off
+attn_sinks = None         # with sliding_window: the first S tokens stay attendable (StreamingLLM)
+attn_impl = None          # sdpa | manual
+
+# (key, valid?, the valid range in words) of the numeric knobs: main() checks them before loading anything
+KNOB_RANGES = (
+    ('temperature', lambda v, g: v >= 0, '>= 0 (0 = greedy)'), ('top_k', lambda v, g: v >= 0, '>= 0 (0 = off)'),
+    ('top_p', lambda v, g: 0 <= v <= 1, 'in [0, 1] (1 = off)'), ('min_p', lambda v, g: 0 <= v <= 1, 'in [0, 1]'),
+    ('repetition_penalty', lambda v, g: v > 0, '> 0 (1 = off)'), ('no_repeat_ngram', lambda v, g: v >= 0, '>= 0'),
+    ('max_new_tokens', lambda v, g: v >= 1, '>= 1'), ('num_samples', lambda v, g: v >= 1, '>= 1'),
+    ('beam_size', lambda v, g: v >= 1, '>= 1'),
+    ('n_best', lambda v, g: 1 <= v <= g['beam_size'], 'in [1, beam_size={beam_size}]'),
+    ('page_size', lambda v, g: v >= 1, '>= 1'), ('self_consistency', lambda v, g: v >= 0, '>= 0 (0 = off)'),
+    ('eval_per_type', lambda v, g: v >= 1, '>= 1'))
 
 
-def load(out_dir, device):
-    """The model and tokenizer of out_dir/ckpt.pt, with a one-line error for a missing or bad checkpoint."""
-    from model import GPT
-    import prepare
-    path = os.path.join(out_dir, 'ckpt.pt')
+def reject_shape_flags(argv, script):
+    """Only INFERENCE_FLAGS may change on trained weights: any other model flag gets that answer, not 'unknown key'."""
+    from model import GPTConfig, INFERENCE_FLAGS
+    for arg in argv:
+        key = arg[2:].partition('=')[0]
+        if arg.startswith('--') and key in GPTConfig.__dataclass_fields__ and key not in INFERENCE_FLAGS:
+            die(f"--{key} is fixed by the checkpoint: {script} may override only the inference flags "
+                f"{', '.join(INFERENCE_FLAGS)}")
+
+
+def model_overrides(g):
+    """{flag: value} of the INFERENCE_FLAGS set in the config globals g, typed as GPTConfig's fields (a None
+    default takes any literal); the choices are GPTConfig's own check, run in load_checkpoint."""
+    from model import GPTConfig, INFERENCE_FLAGS
+    out = {}
+    for k in INFERENCE_FLAGS:
+        if g[k] is not None:
+            default = GPTConfig.__dataclass_fields__[k].default
+            try:
+                out[k] = coerce(k, g[k], default)
+            except ConfigError:
+                die(f"bad value for '{k}': {g[k]!r}, expected {type(default).__name__}")
+    for k, lo in (('rope_factor', 1), ('sliding_window', 0), ('attn_sinks', 0)):
+        if out.get(k, lo) < lo:
+            die(f"{k}={out[k]} is out of range: {k} must be >= {lo}")
+    return out
+
+
+def load_checkpoint(path, overrides=None):
+    """(model on the CPU, checkpoint dict) of a train.py ckpt.pt with `overrides` (INFERENCE_FLAGS) applied to
+    its model_args, said on stderr; one error line for a missing or bad checkpoint or an override that cannot
+    apply. As GPT.from_checkpoint, which builds the model from the stored model_args alone."""
+    from model import GPT, GPTConfig
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}: train one first (python train.py ... --out_dir={out_dir})")
+        die(f"no checkpoint at {path}: train one first (python train.py ... --out_dir={os.path.dirname(path)})")
     try:
-        model, ckpt = GPT.from_checkpoint(path)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        stored = ckpt['model_args']
     except Exception as e:
         die(f"cannot load checkpoint {path}: {type(e).__name__}: {e}")
+    overrides = overrides or {}
+    trained = {**{f: v.default for f, v in GPTConfig.__dataclass_fields__.items()}, **stored}
+    args = {**trained, **overrides}
+    if {'rope_scaling', 'rope_factor'} & set(overrides):  # an extension that would silently change nothing
+        scaling, factor = args['rope_scaling'], args['rope_factor']
+        if args['pos_emb'] != 'rope':
+            die(f"rope_scaling/rope_factor apply to RoPE models only: {path} has pos_emb={args['pos_emb']!r}")
+        if 'rope_factor' in overrides and scaling == 'none' or scaling in ('linear', 'ntk', 'yarn') and factor == 1:
+            die(f"rope_scaling={scaling!r} with rope_factor={factor} changes nothing: set both, e.g. "
+                f"--rope_scaling=yarn --rope_factor=4 for 4x block_size={args['block_size']}")
+    if 'attn_sinks' in overrides and args['attn_sinks'] and not args['sliding_window']:
+        die(f"attn_sinks={args['attn_sinks']} works with a sliding window: add --sliding_window=W (W > 0)")
+    try:
+        model = GPT(GPTConfig(**args))
+    except (ValueError, TypeError) as e:  # GPTConfig's check of a choice, e.g. rope_scaling='foo'
+        die(f"cannot build the model of {path}{' with the overrides' if overrides else ''}: {e}")
+    try:
+        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
+    except Exception as e:
+        die(f"cannot load checkpoint {path}: {type(e).__name__}: {e}")
+    if overrides:
+        print(f"note: inference overrides on {path}: " +
+              ', '.join(f"{k}={v!r} (trained: {trained[k]!r})" for k, v in overrides.items()), file=sys.stderr)
+    return model, ckpt
+
+
+def find_checkpoint(out_dir, given):
+    """out_dir/ckpt.pt; when out_dir was not given and out/ has none, the newest out*/ckpt.pt here (said first)."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    found = [] if given or os.path.isfile(path) else sorted(glob.glob('out*/ckpt.pt'), key=os.path.getmtime)
+    if found:
+        print(f"note: --out_dir not given and {out_dir}/ has no checkpoint: using {found[-1]} (newest of "
+              f"{len(found)})", file=sys.stderr)
+    return found[-1] if found else path
+
+
+def load(path, device, overrides):
+    """The model and tokenizer of checkpoint `path` (with overrides), or one error line."""
+    import prepare
+    model, ckpt = load_checkpoint(path, overrides)
     cfg = ckpt.get('config', {})
     data_dir = cfg.get('data_dir') or os.path.join('data', cfg.get('dataset', ''))
     try:
@@ -421,19 +510,26 @@ def run_eval(model, tok, data_dir, gen):
         print(f"| {t} | {s['n']} | " + ' | '.join(f'{s[c]:.3f}' for c in cols) + ' |')
 
 
-def main():
+def main(argv=None):
     global device, dtype, kv_dtype
-    configure(globals())
+    argv = sys.argv[1:] if argv is None else argv
+    reject_shape_flags(argv, 'sample.py')
+    configure(globals(), argv)
     for key, allowed in (('strategy', 'greedy|sample|beam'), ('kv_cache', 'none|contiguous|paged'),
                          ('dtype', 'auto|float32|bfloat16|float16'), ('kv_dtype', 'auto|float32|bfloat16|float16')):
         if globals()[key] not in allowed.split('|'):
             die(f"{key} must be {allowed}, got '{globals()[key]}'")
+    for key, ok, valid in KNOB_RANGES:
+        if not ok(globals()[key], globals()):
+            die(f"{key}={globals()[key]} is out of range: {key} must be {valid.format(**globals())}")
+    overrides = model_overrides(globals())
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     if dtype == 'auto':
         dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
     torch.manual_seed(seed)
-    model, tok, data_dir = load(out_dir, device)
+    given = out_dir != 'out' or any(a.partition('=')[0] == '--out_dir' for a in argv)
+    model, tok, data_dir = load(find_checkpoint(out_dir, given), device, overrides)
     # inference keeps no fp32 master weights: cast them (half the bytes read per token), no autocast
     model = model.to(getattr(torch, dtype))
     if kv_dtype == 'auto':

@@ -1,5 +1,6 @@
 """bench.py: every scenario in --quick mode writes well-formed JSON with positive numbers, the KV-cache
 formula matches the allocated tensors exactly, and the needle test finds a needle when the model can."""
+import importlib.util
 import json
 import math
 import os
@@ -33,7 +34,7 @@ def quick(tmp_path_factory):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / 'results.json') as f:
-        return json.load(f), (out / 'results.md').read_text(), r.stdout
+        return json.load(f), (out / 'results.md').read_text(), r.stdout, out
 
 
 def positive(rows, *keys):
@@ -43,14 +44,17 @@ def positive(rows, *keys):
 
 
 def test_results_json_meta_and_markdown(quick):
-    res, md, stdout = quick
+    res, md, stdout, out = quick
     assert set(res['scenarios']) == set(bench.SCENARIOS) - bench.OPT_IN  # 'all' = everything but the long ones
     assert {'device', 'dtype', 'torch', 'quick', 'threads'} <= set(res['meta']) and res['meta']['quick'] is True
     for name, s in res['scenarios'].items():
         assert s['config'] and s['rows'] and s['wall_s'] >= 0, name
     assert '| Config | PPL | Tokens/s | Peak mem | ms/batch |' in md
-    assert 'plots skipped: matplotlib' in stdout or os.path.exists(os.path.join(os.path.dirname(md), 'decoding.png')) \
-        or 'matplotlib' not in stdout
+    pngs = ['decoding.png', 'kvcache_memory.png', 'expert_load.png', 'latency_vs_ppl.png', 'attention.png']
+    if importlib.util.find_spec('matplotlib'):
+        assert all((out / p).stat().st_size > 0 for p in pngs)
+    else:
+        assert 'plots skipped: matplotlib is not installed' in stdout and not any((out / p).exists() for p in pngs)
 
 
 def test_attention_mhsa_ffn_train(quick):
@@ -70,7 +74,7 @@ def test_attention_mhsa_ffn_train(quick):
 
 
 def test_decode_target_scenario(cpu):
-    """Issue 5's target scenario at --quick sizes: every cache x strategy for fp32 and bf16 weights, the
+    """The decoding-speed scenario at --quick sizes: every cache x strategy for fp32 and bf16 weights, the
     estimated no-cache baseline (fp32 only), the weight-read ceiling, and a targets row per weight dtype."""
     res = bench.decode_target()
     rows = res['rows']
@@ -81,8 +85,8 @@ def test_decode_target_scenario(cpu):
         assert res['config'][f'{w}_tok_s_ceiling'] > 0
     assert ('float32', 'none (estimated)', 'greedy') in runs and ('bfloat16', 'none (estimated)', 'greedy') not in runs
     positive(rows, 'tok_s', 'ms_per_token')
-    t = {r['weights']: r for r in res['tables']['targets (issue 5)']}
-    assert t['float32']['target_300'] == (t['float32']['cached_tok_s'] >= 300) and 'vs_none' in t['float32']
+    t = {r['weights']: r for r in res['tables'][bench.TARGETS_TITLE]}
+    assert set(t) == {'float32', 'bfloat16'} and 'vs_none' in t['float32'] and 'vs_none' not in t['bfloat16']
     cont = next(r for r in rows if (r['weights'], r['kv_cache'], r['strategy']) == ('float32', 'contiguous', 'greedy'))
     assert t['float32']['cached_tok_s'] == cont['tok_s']
 
@@ -199,6 +203,54 @@ def test_plot_runs_groups_seeds(tmp_path, capsys):
     assert 'matplotlib is not installed' in text or os.path.exists(tmp_path / 'plots' / 'loss_curves.png')
 
 
-def test_cli_errors():
-    r = subprocess.run([sys.executable, 'bench.py', '--scenario=nope'], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and 'unknown scenario' in r.stderr and 'attention' in r.stderr
+def test_profile_writes_a_chrome_trace_with_memory_and_stacks(tmp_path):
+    """--profile: OUT/trace_NAME.json is Chrome trace JSON with the ops, the allocations (profile_memory) and
+    the Python frames that launched them (with_stack), plus the op table."""
+    r = subprocess.run([sys.executable, 'bench.py', '--quick', '--profile', '--scenario=attention', '--threads=1',
+                        f'--out={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / 'trace_attention.json') as f:
+        events = json.load(f)['traceEvents']
+    ops = {e['name'] for e in events if e.get('cat') == 'cpu_op'}
+    assert 'aten::matmul' in ops and 'aten::softmax' in ops  # manual_attention's forward
+    assert any(e['name'] == '[memory]' and e['args']['Bytes'] != 0 for e in events)
+    assert any(e.get('cat') == 'python_function' and e['name'].startswith('bench.py(') for e in events)
+    table = (tmp_path / 'profile_attention.txt').read_text()
+    assert 'aten::matmul' in table and 'bench.py(' not in table  # the table ranks ops, the frames are in the trace
+
+
+def test_long_context_ckpt_takes_inference_overrides(cpu, tmp_path, monkeypatch):
+    """--ckpt with --sliding_window/--attn_sinks: the checkpoint's model is evaluated with them (recorded in the
+    config), and its perplexities differ from the same checkpoint without them. --eval_len=64 on block_size 32:
+    the scalings target 2x, and the perplexity buckets end at 64."""
+    data = make_dataset(str(tmp_path / 'data' / 'tiny'), n_val=3000)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, block_size=32, bias=False, pos_emb='rope',
+                          init_std=0.5))
+    torch.save({'model_args': model.config.__dict__, 'model': model.state_dict(), 'config': {'data_dir': data}},
+               tmp_path / 'ckpt.pt')
+    monkeypatch.setattr(bench, 'ckpt', str(tmp_path / 'ckpt.pt'))
+    monkeypatch.setattr(bench, 'eval_len', 64)
+    plain = bench.long_context()
+    assert plain['config']['eval_len'] == 64 and plain['config']['rope_factor'] == 2
+    assert {'rope', 'rope linear x2', 'rope ntk x2', 'rope yarn x2', 'rope dynamic x2'} == \
+        {r['variant'] for r in plain['rows']}
+    assert all(set(k for k in r if k.startswith('ppl[')) == {'ppl[0,32)', 'ppl[32,64)'} for r in plain['rows'])
+    monkeypatch.setattr(bench, 'sliding_window', 8)
+    monkeypatch.setattr(bench, 'attn_sinks', 2)
+    streamed = bench.long_context()
+    assert plain['config']['overrides'] == {} and streamed['config']['overrides'] == dict(sliding_window=8,
+                                                                                          attn_sinks=2)
+    rows = {r['variant']: r for r in plain['rows']}, {r['variant']: r for r in streamed['rows']}
+    assert set(rows[0]) == set(rows[1]) and 'rope' in rows[0]
+    assert rows[0]['rope']['ppl_train_ctx'] != rows[1]['rope']['ppl_train_ctx']  # positions >= 8 see fewer keys
+
+
+@pytest.mark.parametrize('args,says', [
+    (['--scenario=nope'], 'unknown scenario'), (['--n_layer=2'], 'inference flags'),
+    (['--sliding_window=8'], '--ckpt'), (['--scenario=long_context', '--ckpt=nope.pt'], 'no checkpoint at nope.pt'),
+    (['--eval_len=-1'], 'eval_len=-1'),
+])
+def test_cli_errors(args, says):
+    r = subprocess.run([sys.executable, 'bench.py', *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith('error:') and r.stderr.count('\n') == 1 and says in r.stderr

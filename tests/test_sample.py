@@ -1,8 +1,11 @@
 """sample.py: decoding strategies against brute force, penalties, determinism, beam search against
 exhaustive search, the length-penalty case, diversity (self-BLEU), self-consistency, ChatML, the CLI."""
+import ast
 import itertools
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -127,8 +130,9 @@ def test_penalties_in_generate_change_only_what_they_should():
     plain = sample.generate(model, [1, 2], 30, strategy='greedy')[0]
     assert len(set(plain)) < len(plain)  # the tiny random model repeats itself
     pen = sample.generate(model, [1, 2], 30, strategy='greedy', presence_penalty=100.0)[0]
-    assert len(set(pen)) == len(pen) if len(pen) <= 16 else True  # no token twice while fresh ones remain
-    assert len(set(pen[:14])) == 14
+    # -100 outweighs any logit gap of this model: no token twice while fresh ones remain, so the first
+    # 16 tokens are the whole vocabulary once each
+    assert len(pen) == 30 and sorted(pen[:16]) == list(range(16))
 
 
 # -- determinism ------------------------------------------------------------------------------------------
@@ -393,18 +397,62 @@ def run_cli(*args, stdin=None):
                           input=stdin, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
 
 
-@pytest.mark.parametrize('args', [
-    ['--start=12', '--num_samples=2', '--max_new_tokens=20', '--top_p=0.9', '--kv_cache=paged', '--page_size=4'],
-    ['--start=12', '--strategy', 'beam', '--beam_size=3', '--n_best=2', '--max_new_tokens=10'],
-    ['--prompt=What is 2+3?', '--max_new_tokens=20', '--show_think'],
-    ['--prompt=What is 2+3?', '--max_new_tokens=10', '--self_consistency=3', '--temperature=1.0'],
-    ['--start=12', '--max_new_tokens=10', '--dtype=bfloat16', '--kv_cache=paged', '--page_size=4'],  # fp32 cache
-    ['--start=12', '--max_new_tokens=10', '--dtype=bfloat16', '--kv_dtype=bfloat16', '--strategy=beam'],
+def samples_of(stdout, n):
+    """The n texts printed by a num_samples > 1 run: each is prompt + continuation, then a dashed line."""
+    blocks = stdout.split('---------------\n')
+    assert len(blocks) == n + 1 and blocks[-1] == ''
+    return [b.removesuffix('\n') for b in blocks[:-1]]
+
+
+def beams_of(stdout):
+    """[(score, n_tokens, text)] of a beam run: '--- score S (N tokens)' then the text."""
+    parts = re.split(r'^--- score (-?[\d.]+) \((\d+) tokens\)\n', stdout, flags=re.M)
+    assert parts[0] == ''
+    return [(float(s), int(n), t.rstrip('\n')) for s, n, t in zip(parts[1::3], parts[2::3], parts[3::3])]
+
+
+def check_samples(stdout):
+    texts = samples_of(stdout, 2)
+    assert all(t.startswith('12') for t in texts) and any(len(t) > 2 for t in texts)
+
+
+def check_beams(n_best, max_new):
+    def check(stdout):
+        hyps = beams_of(stdout)
+        assert len(hyps) == n_best and all(s <= 0 and 1 <= n <= max_new for s, n, _ in hyps)
+        assert [s for s, _, _ in hyps] == sorted((s for s, _, _ in hyps), reverse=True)  # best first
+        assert all(t.startswith('12') for _, _, t in hyps)
+    return check
+
+
+def check_streamed(stdout):  # one sample: the prompt, the text as it streams, a newline and the dashed line
+    assert stdout.startswith('12') and stdout.endswith('\n---------------\n') and len(stdout) > len('12\n' + '-' * 16)
+
+
+def check_chat(stdout):  # the assistant's reply: one line of random-model text
+    assert stdout.endswith('\n') and stdout.strip()
+
+
+def check_vote(stdout):  # the majority answer, then the votes of the 3 samples
+    votes = ast.literal_eval(stdout.splitlines()[-1].removeprefix('(votes: ').removesuffix(')'))
+    assert sum(votes.values()) == 3 and max(votes.values()) == votes[stdout.splitlines()[-2]]
+
+
+@pytest.mark.parametrize('args,check', [
+    (['--start=12', '--num_samples=2', '--max_new_tokens=20', '--top_p=0.9', '--kv_cache=paged', '--page_size=4'],
+     check_samples),
+    (['--start=12', '--strategy', 'beam', '--beam_size=3', '--n_best=2', '--max_new_tokens=10'], check_beams(2, 10)),
+    (['--prompt=What is 2+3?', '--max_new_tokens=20', '--show_think'], check_chat),
+    (['--prompt=What is 2+3?', '--max_new_tokens=10', '--self_consistency=3', '--temperature=1.0'], check_vote),
+    (['--start=12', '--max_new_tokens=10', '--dtype=bfloat16', '--kv_cache=paged', '--page_size=4'],  # fp32 cache
+     check_streamed),
+    (['--start=12', '--max_new_tokens=10', '--dtype=bfloat16', '--kv_dtype=bfloat16', '--strategy=beam'],
+     check_beams(1, 10)),
 ])
-def test_cli_generates(chat_ckpt, args):
+def test_cli_generates(chat_ckpt, args, check):
     r = run_cli(f'--out_dir={chat_ckpt}', *args)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
+    check(r.stdout)
 
 
 def test_cli_chat_keeps_history_until_eof(chat_ckpt):
@@ -431,6 +479,139 @@ def test_cli_missing_checkpoint_is_exit_2(tmp_path):
 def test_cli_unknown_key_is_exit_2():
     r = subprocess.run([sys.executable, 'sample.py', '--top_kk=3'], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and 'top_k' in r.stderr
+
+
+@pytest.fixture
+def main(monkeypatch, capsys):
+    """sample.main(argv) in this process: (exit code, stdout, stderr); the config globals it sets are restored."""
+    from configurator import config_keys
+    for k in config_keys(vars(sample)):
+        monkeypatch.setattr(sample, k, getattr(sample, k))
+
+    def run(*argv):
+        try:
+            sample.main(list(argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def one_error_line(code, err):
+    return code == 2 and err.startswith('error: ') and err.count('\n') == 1
+
+
+@pytest.mark.parametrize('args,valid', [
+    (['--temperature=-1'], '>= 0'), (['--top_p=2'], 'in [0, 1]'), (['--top_p=-0.1'], 'in [0, 1]'),
+    (['--top_k=-1'], '>= 0'), (['--min_p=1.5'], 'in [0, 1]'), (['--repetition_penalty=0'], '> 0'),
+    (['--no_repeat_ngram=-2'], '>= 0'), (['--max_new_tokens=-5'], '>= 1'), (['--max_new_tokens=0'], '>= 1'),
+    (['--num_samples=0'], '>= 1'), (['--strategy=beam', '--beam_size=0'], '>= 1'),
+    (['--beam_size=3', '--n_best=4'], 'in [1, beam_size=3]'), (['--n_best=0'], 'in [1, beam_size=4]'),
+    (['--page_size=0'], '>= 1'), (['--self_consistency=-1'], '>= 0'), (['--eval_per_type=0'], '>= 1'),
+])
+def test_knob_out_of_range_is_one_line_naming_value_and_range(main, chat_ckpt, args, valid):
+    code, out, err = main(f'--out_dir={chat_ckpt}', *args)
+    key, value = args[-1][2:].split('=')
+    assert one_error_line(code, err) and not out, err
+    assert f'{key}={value}' in err.replace('.0 ', ' ') and valid in err, err
+
+
+def test_knob_range_edges_are_valid(main, chat_ckpt):
+    """The ends of each range run: temperature 0 (greedy), top_p 0 and 1, min_p 1, n_best = beam_size."""
+    for args in (['--temperature=0', '--top_p=0', '--min_p=1', '--top_k=0'], ['--top_p=1', '--no_repeat_ngram=0'],
+                 ['--strategy=beam', '--beam_size=2', '--n_best=2']):
+        code, out, err = main(f'--out_dir={chat_ckpt}', '--start=12', '--max_new_tokens=1', *args)
+        assert code == 0 and '12' in out, err
+
+
+# -- inference-time overrides of the checkpoint's model flags ---------------------------------------------
+
+def test_streaming_override_generates_past_block_size_on_a_bounded_cache(chat_ckpt):
+    """--sliding_window/--attn_sinks on a RoPE checkpoint trained without them: 4x block_size tokens, the cache
+    holding at most sinks + window tokens (without the override it holds everything)."""
+    path = os.path.join(chat_ckpt, 'ckpt.pt')
+    model = sample.load_checkpoint(path, {'sliding_window': 16, 'attn_sinks': 4})[0].eval()
+    plain = sample.load_checkpoint(path)[0].eval()
+    assert model.config.block_size == 64 and plain.config.sliding_window == 0
+    for m, bounded in ((model, True), (plain, False)):
+        logits, step = sample.start_decoding(m, [1, 2, 3], 3 + 256)
+        for _ in range(256):
+            assert torch.isfinite(logits).all()
+            logits = step(torch.zeros(1, dtype=torch.long), logits.argmax(-1))
+        assert step.cache.pos == 3 + 256 and (step.cache.seq_len <= 4 + 16) == bounded
+    assert [len(o) for o in sample.generate(model, [1, 2, 3], 256, num_samples=2, seed=0)] == [256, 256]
+
+
+def test_cli_streaming_override_long_generation(chat_ckpt):
+    r = run_cli(f'--out_dir={chat_ckpt}', '--sliding_window=16', '--attn_sinks=4', '--max_new_tokens=256',
+                '--start=12', '--strategy=greedy', '--kv_cache=paged', '--page_size=8')
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith('note: inference overrides') and 'sliding_window=16' in r.stderr \
+        and 'attn_sinks=4' in r.stderr
+    text = r.stdout.removesuffix('\n---------------\n')
+    assert text.startswith('12') and len(text) - 2 > 64  # char tokens: the text went past block_size=64
+
+
+@torch.no_grad()
+def test_rope_scaling_override_changes_the_logits(tmp_path):
+    """Linear scaling divides positions by rope_factor: the same weights give the same logits at position 0
+    (angle 0 either way) and different ones after it. init_std 0.5: attention far from uniform, so positions
+    matter (at 0.02 they move the logits by ~1e-5)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=32, n_layer=1, n_head=2, n_embd=16, pos_emb='rope', init_std=0.5))
+    path = str(tmp_path / 'ckpt.pt')
+    torch.save({'model': model.state_dict(), 'model_args': model.config.__dict__}, path)
+    plain = sample.load_checkpoint(path)[0].eval()
+    scaled = sample.load_checkpoint(path, {'rope_scaling': 'linear', 'rope_factor': 4.0})[0].eval()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), scaled.state_dict().values()))
+    x = torch.randint(32, (1, 64), generator=torch.Generator().manual_seed(0))  # 2x block_size
+    a, b = plain(x)[0], scaled(x)[0]
+    torch.testing.assert_close(a[:, 0], b[:, 0])
+    assert (a[:, 1:] - b[:, 1:]).abs().amax(-1).min() > 1e-2
+
+
+@pytest.mark.parametrize('flag', ['--n_layer=4', '--vocab_size=10', '--n_embd=32', '--pos_emb=alibi', '--bias=False'])
+def test_shape_flag_override_is_exit_2(main, chat_ckpt, flag):
+    code, out, err = main(f'--out_dir={chat_ckpt}', flag)
+    assert one_error_line(code, err) and flag.split('=')[0] in err and 'inference flags' in err, err
+
+
+@pytest.mark.parametrize('args,says', [
+    (['--rope_scaling=foo', '--rope_factor=4'], "rope_scaling='foo'"), (['--rope_factor=0.5'], 'rope_factor=0.5'),
+    (['--rope_scaling=yarn'], 'changes nothing'), (['--rope_factor=4'], 'changes nothing'),
+    (['--sliding_window=-1'], 'sliding_window=-1'), (['--sliding_window=abc'], "'abc'"),
+    (['--attn_sinks=4'], 'sliding_window'), (['--attn_sinks=True', '--sliding_window=8'], 'attn_sinks'),
+    (['--attn_impl=flash'], "attn_impl='flash'"),
+])
+def test_bad_override_is_one_error_line(main, chat_ckpt, args, says):
+    code, out, err = main(f'--out_dir={chat_ckpt}', *args)
+    assert one_error_line(code, err) and says in err, err
+
+
+# -- checkpoint discovery ---------------------------------------------------------------------------------
+
+def test_newest_out_checkpoint_when_out_dir_not_given(main, chat_ckpt, tmp_path, monkeypatch):
+    """No --out_dir and no out/ckpt.pt: the newest out*/ckpt.pt by mtime (not by name), said first on stderr.
+    The older one is not a checkpoint, so loading it would fail."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = main('--max_new_tokens=2')
+    assert one_error_line(code, err) and 'out/ckpt.pt' in err  # none at all: the one-line error
+    (tmp_path / 'out-z').mkdir()
+    (tmp_path / 'out-z' / 'ckpt.pt').write_bytes(b'not a checkpoint')
+    (tmp_path / 'out-a').mkdir()
+    shutil.copy(os.path.join(chat_ckpt, 'ckpt.pt'), tmp_path / 'out-a' / 'ckpt.pt')
+    os.utime(tmp_path / 'out-z' / 'ckpt.pt', (1e9, 1e9))  # out-a is newer
+    code, out, err = main('--start=12', '--max_new_tokens=2')
+    assert code == 0 and out.startswith('12'), err
+    assert err.splitlines()[0] == 'note: --out_dir not given and out/ has no checkpoint: ' \
+                                  f'using {os.path.join("out-a", "ckpt.pt")} (newest of 2)'
+    os.utime(tmp_path / 'out-z' / 'ckpt.pt')  # now out-z is the newest
+    code, out, err = main('--start=12', '--max_new_tokens=2')
+    assert code == 2 and 'out-z' in err.splitlines()[0] and 'cannot load checkpoint out-z' in err
+    code, out, err = main('--out_dir=out', '--max_new_tokens=2')  # asked for out/: no fallback
+    assert one_error_line(code, err) and 'no checkpoint at out/ckpt.pt' in err
 
 
 def test_exercise_scoring_counts_exact_matches(chat_ckpt, monkeypatch):
