@@ -598,7 +598,7 @@ class GPT(nn.Module):
 
 def peak_flops(device='cpu', dtype=torch.float32, quick=False):
     """Peak matmul FLOP/s of ONE device, the denominator of MFU (train.py and bench.py). Known GPUs: the dense
-    spec sheet value (bf16/fp16 tensor cores, TF32 for fp32); otherwise measured here: the best of a few 0.1 s
+    spec sheet value (bf16/fp16 tensor cores, TF32 for fp32); otherwise measured here: the best of a few 50 ms
     windows of a square matmul (a peak: a busy machine only ever makes a window slower). n starts at 256 and
     grows to 1024 (8192 on GPU) unless one product is slow (a CPU without bf16 units emulates bf16 ~100x slower)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -620,10 +620,10 @@ def peak_flops(device='cpu', dtype=torch.float32, quick=False):
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = 0.0
-    for _ in range(2 if quick else 5):
+    for _ in range(2 if quick else 4):
         sync()
         t, k = time.perf_counter(), 0
-        while time.perf_counter() - t < 0.1 or k < 2:
+        while time.perf_counter() - t < 0.05 or k < 2:
             a @ b
             k += 1
         sync()
