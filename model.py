@@ -577,10 +577,14 @@ class GPT(nn.Module):
         return out
 
     @classmethod
-    def from_checkpoint(cls, path):
-        """(model, checkpoint dict) from a train.py ckpt.pt, loaded on the CPU with weights_only=True."""
+    def from_checkpoint(cls, path, **overrides):
+        """(model, checkpoint dict) from a train.py ckpt.pt, loaded on the CPU with weights_only=True.
+        overrides: INFERENCE_FLAGS to change on the trained weights (e.g. rope_scaling='yarn', rope_factor=4)."""
+        if set(overrides) - set(INFERENCE_FLAGS):
+            raise ValueError(f"a checkpoint's {', '.join(sorted(set(overrides) - set(INFERENCE_FLAGS)))} cannot change: "
+                             f"only {', '.join(INFERENCE_FLAGS)} may be overridden")
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        model = cls(GPTConfig(**ckpt['model_args']))
+        model = cls(GPTConfig(**{**ckpt['model_args'], **overrides}))
         model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
         return model, ckpt
 

@@ -377,40 +377,31 @@ def model_overrides(g):
 
 
 def load_checkpoint(path, overrides=None):
-    """(model on the CPU, checkpoint dict) of a train.py ckpt.pt with `overrides` (INFERENCE_FLAGS) applied to
-    its model_args, said on stderr; one error line for a missing or bad checkpoint or an override that cannot
-    apply. As GPT.from_checkpoint, which builds the model from the stored model_args alone."""
+    """(model on the CPU, checkpoint dict) of a train.py ckpt.pt with `overrides` (INFERENCE_FLAGS) applied
+    (GPT.from_checkpoint), said on stderr; one error line for a missing or bad checkpoint or an override that cannot
+    apply or would silently change nothing."""
     from model import GPT, GPTConfig
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}: train one first (python train.py ... --out_dir={os.path.dirname(path)})")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        stored = ckpt['model_args']
-    except Exception as e:
-        die(f"cannot load checkpoint {path}: {type(e).__name__}: {e}")
     overrides = overrides or {}
-    trained = {**{f: v.default for f, v in GPTConfig.__dataclass_fields__.items()}, **stored}
-    args = {**trained, **overrides}
-    if {'rope_scaling', 'rope_factor'} & set(overrides):  # an extension that would silently change nothing
-        scaling, factor = args['rope_scaling'], args['rope_factor']
-        if args['pos_emb'] != 'rope':
-            die(f"rope_scaling/rope_factor apply to RoPE models only: {path} has pos_emb={args['pos_emb']!r}")
-        if 'rope_factor' in overrides and scaling == 'none' or scaling in ('linear', 'ntk', 'yarn') and factor == 1:
-            die(f"rope_scaling={scaling!r} with rope_factor={factor} changes nothing: set both, e.g. "
-                f"--rope_scaling=yarn --rope_factor=4 for 4x block_size={args['block_size']}")
-    if 'attn_sinks' in overrides and args['attn_sinks'] and not args['sliding_window']:
-        die(f"attn_sinks={args['attn_sinks']} works with a sliding window: add --sliding_window=W (W > 0)")
     try:
-        model = GPT(GPTConfig(**args))
-    except (ValueError, TypeError) as e:  # GPTConfig's check of a choice, e.g. rope_scaling='foo'
-        die(f"cannot build the model of {path}{' with the overrides' if overrides else ''}: {e}")
-    try:
-        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
-    except Exception as e:
-        die(f"cannot load checkpoint {path}: {type(e).__name__}: {e}")
+        model, ckpt = GPT.from_checkpoint(path, **overrides)
+    except Exception as e:  # unreadable file, or GPTConfig's check of an override (e.g. rope_scaling='foo')
+        die(f"cannot load checkpoint {path}{' with the overrides' if overrides else ''}: {type(e).__name__}: {e}")
+    c = model.config
+    if {'rope_scaling', 'rope_factor'} & set(overrides):
+        if c.pos_emb != 'rope':
+            die(f"rope_scaling/rope_factor apply to RoPE models only: {path} has pos_emb={c.pos_emb!r}")
+        if 'rope_factor' in overrides and c.rope_scaling == 'none' or \
+                c.rope_scaling in ('linear', 'ntk', 'yarn') and c.rope_factor == 1:
+            die(f"rope_scaling={c.rope_scaling!r} with rope_factor={c.rope_factor} changes nothing: set both, e.g. "
+                f"--rope_scaling=yarn --rope_factor=4 for 4x block_size={c.block_size}")
+    if 'attn_sinks' in overrides and c.attn_sinks and not c.sliding_window:
+        die(f"attn_sinks={c.attn_sinks} works with a sliding window: add --sliding_window=W (W > 0)")
     if overrides:
+        trained = lambda k: ckpt['model_args'].get(k, GPTConfig.__dataclass_fields__[k].default)
         print(f"note: inference overrides on {path}: " +
-              ', '.join(f"{k}={v!r} (trained: {trained[k]!r})" for k, v in overrides.items()), file=sys.stderr)
+              ', '.join(f"{k}={v!r} (trained: {trained(k)!r})" for k, v in overrides.items()), file=sys.stderr)
     return model, ckpt
 
 
