@@ -3,10 +3,12 @@ Where things live (search for the name): positions `sinusoidal_embedding`, `appl
 (linear, ntk, dynamic, yarn), `alibi_bias`; masks `attn_inputs`; attention (MHA/GQA/MQA, MLA, manual vs
 SDPA) `CausalSelfAttention`; `Norm`; `MLP` (gelu, gelu_tanh, relu2, swiglu); `MoE`; init, loss, softcap,
 counts and FLOP/KV estimates in `GPT`; KV caches at the end. Formulas: ../shared/REFERENCE.md.
+LoRA (lora_* flags): `LoRALinear` made by `linear`; GPT.mark_only_lora_trainable, lora_state_dict, merge_lora.
 """
+import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -52,6 +54,10 @@ class GPTConfig:
     zero_init: bool = False       # zero c_proj of attn/MLP and the untied lm_head (nanochat, modded-nanogpt)
     init_std: float = 0.02        # N(0, init_std) for Linear/Embedding (GPT-2)
     grad_checkpoint: bool = False # recompute each block in backward (activation checkpointing)
+    lora_rank: int = 0            # 0 = off; r > 0 = LoRA adapters of rank r on lora_targets (Hu et al. 2021)
+    lora_alpha: float = 16.0      # adapter output scaled by lora_alpha / lora_rank (alpha = 2r at the common r = 8)
+    lora_dropout: float = 0.0     # dropout on the adapters' input only
+    lora_targets: str = 'attn_in,attn_out'  # comma-separated subset of LORA_TARGETS
 
     def __post_init__(self):
         def check(ok, msg):
@@ -71,6 +77,12 @@ class GPTConfig:
               f"RoPE needs an even rotary dim, got {self.rope_dim}")
         check(self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts,
               f"moe_top_k={self.moe_top_k} must be in [1, n_experts={self.n_experts}]")
+        targets = [t.strip() for t in self.lora_targets.split(',') if t.strip()]
+        for t in targets:
+            check(t in LORA_TARGETS, f"lora_targets: unknown target {t!r}; choose from {list(LORA_TARGETS)}")
+        check(self.lora_rank == 0 or (self.lora_rank > 0 and targets),
+              f"lora_rank={self.lora_rank}: 0 = off, or r > 0 with at least one lora_targets of {list(LORA_TARGETS)}")
+        self.lora_targets = ','.join(targets)
 
     @property
     def head_dim(self):  # per attention head (q, k, v; MLA's no-RoPE part of q/k and its v)
@@ -81,11 +93,16 @@ class GPTConfig:
         return self.mla_rope_dim if self.attn_type == 'mla' else self.head_dim
 
 
+# LoRA targets: attention inputs (c_attn; MLA wq | wq_a,wq_b and wkv_a,wkv_b), attention c_proj, MLP c_fc, MLP c_proj
+# (MoE routed and shared experts included; never the router or lm_head)
+LORA_TARGETS = ('attn_in', 'attn_out', 'mlp_in', 'mlp_out')
+
 # Flags that change what the model computes but no parameter shape, and what may change them later:
 # a resumed run takes RUNTIME_FLAGS from its command line (the rest of the architecture comes from the
 # checkpoint); sample.py and bench.py may override INFERENCE_FLAGS on a trained checkpoint (context extension,
 # streaming with sinks, the attention kernel).
-RUNTIME_FLAGS = ('dropout', 'grad_checkpoint', 'attn_impl', 'moe_aux_coef', 'moe_z_coef', 'moe_capacity')
+RUNTIME_FLAGS = ('dropout', 'grad_checkpoint', 'attn_impl', 'moe_aux_coef', 'moe_z_coef', 'moe_capacity',
+                 'lora_dropout')
 INFERENCE_FLAGS = ('rope_scaling', 'rope_factor', 'sliding_window', 'attn_sinks', 'attn_impl')
 
 
@@ -145,7 +162,44 @@ def alibi_bias(slopes, qpos, kpos):
 
 
 # -----------------------------------------------------------------------------
-# Building blocks: norm, attention, MLP, MoE, block
+# Building blocks: LoRA linear, norm, attention, MLP, MoE, block
+
+class LoRALinear(nn.Linear):
+    """nn.Linear (same `weight`/`bias`, so a base checkpoint loads) plus LoRA (Hu et al. 2021, REFERENCE §16.2):
+    h = W x + b + (alpha/r) B A dropout(x), A (r, in), B (out, r) = 0 at init, so the model starts exactly at
+    its base. A is drawn by `reset_lora`, which GPT.__init__ calls after the base init: the base weights draw the
+    same random numbers as with lora_rank=0. `merge` folds BA into W and drops the adapter."""
+
+    def __init__(self, n_in, n_out, bias, rank, alpha, dropout):
+        super().__init__(n_in, n_out, bias=bias)
+        self.scaling, self.dropout_p, self.active = alpha / rank, dropout, True
+        self.lora_A = nn.Parameter(self.weight.new_zeros(rank, n_in))
+        self.lora_B = nn.Parameter(self.weight.new_zeros(n_out, rank))
+
+    def reset_lora(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in)), as PEFT
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.active:  # merged, or switched off by GPT.lora_disabled
+            return y
+        x = F.dropout(x, self.dropout_p, self.training)
+        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):  # W <- W + (alpha/r) B A, in fp32
+        self.weight += (self.scaling * self.lora_B.float() @ self.lora_A.float()).to(self.weight.dtype)
+        self.lora_A = self.lora_B = None
+        self.active = False
+
+
+def linear(n_in, n_out, bias, config, target):
+    """The one place LoRA hooks in: nn.Linear, or LoRALinear when lora_rank > 0 and `target` is in lora_targets."""
+    if config.lora_rank and target in config.lora_targets.split(','):
+        return LoRALinear(n_in, n_out, bias, config.lora_rank, config.lora_alpha, config.lora_dropout)
+    return nn.Linear(n_in, n_out, bias=bias)
+
 
 class Norm(nn.Module):
     """LayerNorm (eps 1e-5, optional bias) | RMSNorm (Zhang & Sennrich 2019) | RMSNorm without weights (nanochat)."""
@@ -173,19 +227,19 @@ class CausalSelfAttention(nn.Module):
         if self.mla:  # DeepSeek-V2 §2.1: low-rank joint KV compression + decoupled RoPE key shared by heads
             self.kv_rank, self.rope_dim, self.q_low_rank = c.mla_kv_rank, c.rope_dim, c.mla_q_rank > 0
             if self.q_low_rank:
-                self.wq_a = nn.Linear(c.n_embd, c.mla_q_rank, bias=False)
+                self.wq_a = linear(c.n_embd, c.mla_q_rank, False, c, 'attn_in')
                 self.q_norm = Norm(c.mla_q_rank, 'rmsnorm')
-                self.wq_b = nn.Linear(c.mla_q_rank, c.n_head * (hd + self.rope_dim), bias=False)
+                self.wq_b = linear(c.mla_q_rank, c.n_head * (hd + self.rope_dim), False, c, 'attn_in')
             else:
-                self.wq = nn.Linear(c.n_embd, c.n_head * (hd + self.rope_dim), bias=False)
-            self.wkv_a = nn.Linear(c.n_embd, self.kv_rank + self.rope_dim, bias=False)
+                self.wq = linear(c.n_embd, c.n_head * (hd + self.rope_dim), False, c, 'attn_in')
+            self.wkv_a = linear(c.n_embd, self.kv_rank + self.rope_dim, False, c, 'attn_in')
             self.kv_norm = Norm(self.kv_rank, 'rmsnorm')
-            self.wkv_b = nn.Linear(self.kv_rank, c.n_head * 2 * hd, bias=False)  # -> k_nope, v per head
+            self.wkv_b = linear(self.kv_rank, c.n_head * 2 * hd, False, c, 'attn_in')  # -> k_nope, v per head
             self.scale = (hd + self.rope_dim) ** -0.5
         else:  # q, k, v in one matmul; k/v have n_kv_head heads (GQA/MQA)
-            self.c_attn = nn.Linear(c.n_embd, (c.n_head + 2 * c.n_kv_head) * hd, bias=c.bias)
+            self.c_attn = linear(c.n_embd, (c.n_head + 2 * c.n_kv_head) * hd, c.bias, c, 'attn_in')
             self.scale = hd ** -0.5
-        self.c_proj = nn.Linear(c.n_head * hd, c.n_embd, bias=c.bias)
+        self.c_proj = linear(c.n_head * hd, c.n_embd, c.bias, c, 'attn_out')
         self.attn_dropout = nn.Dropout(c.dropout)
         self.resid_dropout = nn.Dropout(c.dropout)
 
@@ -265,8 +319,8 @@ class MLP(nn.Module):
         self.gated = config.mlp == 'swiglu'
         if self.gated:  # SwiGLU (Shazeer 2020): 3 matrices of 2/3 the width keep the 4x GELU parameter count
             hidden = -(-int(2 * hidden / 3) // 8) * 8
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_fc = linear(config.n_embd, 2 * hidden if self.gated else hidden, config.bias, config, 'mlp_in')
+        self.c_proj = linear(hidden, config.n_embd, config.bias, config, 'mlp_out')
         self.dropout = nn.Dropout(config.dropout)
         if config.mlp == 'gelu':
             self.act = nn.GELU()  # exact, as nanoGPT
@@ -408,6 +462,9 @@ class GPT(nn.Module):
                     nn.init.zeros_(p)
         if c.zero_init and not c.tie_weights:  # a tied head is the embedding table: zeroing it would zero every input
             nn.init.zeros_(self.lm_head.weight)  # initial loss = ln(vocab_size) exactly
+        for m in self.modules():  # adapters last (B = 0, A random): the base draws what a lora_rank=0 model draws
+            if isinstance(m, LoRALinear):
+                m.reset_lora()
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -522,6 +579,46 @@ class GPT(nn.Module):
         # ppl and bpb compare fairly with dense models (the terms are still in self.aux_losses)
         return logits, loss + aux if self.training else loss
 
+    # ---- LoRA (Hu et al. 2021): train only the adapters, save them alone, fold them into the base ----
+
+    def lora_parameters(self):
+        """{name: adapter tensor} of every lora_A, lora_B, e.g. for optimizer groups (REFERENCE §16.2 on wd and lr)."""
+        return {n: p for n, p in self.named_parameters() if n.endswith(('.lora_A', '.lora_B'))}
+
+    def mark_only_lora_trainable(self):
+        """Freeze the base (Linears, embeddings, norms, router, head): only adapters train. Returns their count."""
+        lora = self.lora_parameters()
+        if not lora:
+            raise ValueError("no LoRA adapters to train: set lora_rank > 0")
+        for n, p in self.named_parameters():
+            p.requires_grad_(n in lora)
+        return sum(p.numel() for p in lora.values())
+
+    def lora_state_dict(self):
+        """Only the adapters (megabytes, not the base): model.load_state_dict(sd, strict=False) on the same base."""
+        return {k: v for k, v in self.state_dict().items() if k.endswith(('.lora_A', '.lora_B'))}
+
+    def merge_lora(self):
+        """W <- W + (alpha/r) B A in every adapted Linear, adapters dropped: decoding runs at base speed, and the
+        state dict and config (lora_rank=0 from here on) are those of a plain base model."""
+        for m in self.modules():
+            if isinstance(m, LoRALinear) and m.lora_A is not None:
+                m.merge()
+        self.config = replace(self.config, lora_rank=0)
+        return self
+
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        """Inside, the model is its base (adapters skipped): DPO's frozen reference with LoRA (REFERENCE §16.4)."""
+        on = [m for m in self.modules() if isinstance(m, LoRALinear) and m.active]
+        for m in on:
+            m.active = False
+        try:
+            yield self
+        finally:
+            for m in on:
+                m.active = m.lora_A is not None
+
     # ---- dropout schedule, counts and estimates ----
 
     def set_dropout(self, p):
@@ -531,8 +628,8 @@ class GPT(nn.Module):
                 m.p = p
 
     def num_params(self, non_embedding=True):
-        """Parameter count (tied weights once). non_embedding drops lookup tables: wpe, and wte when
-        untied (tied wte is the lm_head matmul), as nanoGPT's MFU convention."""
+        """Parameter count (tied weights once; LoRA adapters included until merge_lora). non_embedding drops lookup
+        tables: wpe, and wte when untied (tied wte is the lm_head matmul), as nanoGPT's MFU convention."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if self.pos_emb == 'learned':
@@ -550,7 +647,8 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len=None):
         """Training (fwd+bwd) FLOPs per token: 6*N_active + attention 6*L*H*T*(d_qk + d_v), i.e. the
-        PaLM/nanoGPT 6N + 12*L*H*Dh*T for MHA (no causal halving); T capped by the window (+ sinks)."""
+        PaLM/nanoGPT 6N + 12*L*H*Dh*T for MHA (no causal halving); T capped by the window (+ sinks).
+        N includes LoRA adapters; a frozen base still counts 6N (its weight gradients are skipped: nearer 4N)."""
         c = self.config
         T = seq_len or c.block_size
         if c.sliding_window:
@@ -633,6 +731,41 @@ def peak_flops(device='cpu', dtype=torch.float32, quick=False):
         sync()
         best = max(best, 2 * n ** 3 * k / (time.perf_counter() - t))
     return best
+
+
+# OpenAI's GPT-2 in Hugging Face's published layout (model.safetensors of the gpt2* repos): the classic config
+# of this file with biases, GELU-tanh ("gelu_new"), 1024 learned positions and the 50257-token vocabulary.
+GPT2_SIZES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
+              'gpt2-xl': (48, 25, 1600)}  # (n_layer, n_head, n_embd)
+
+
+def gpt2_config(name):
+    n_layer, n_head, n_embd = GPT2_SIZES[name]
+    return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, block_size=1024, bias=True,
+                pos_emb='learned', norm='layernorm', mlp='gelu_tanh', tie_weights=True, dropout=0.0)
+
+
+def gpt2_state_dict(hf, n_layer):
+    """This model's state dict from HF GPT-2 tensors. Keys are `h.0.attn.c_attn.weight`, ... (files written by
+    newer save_pretrained prefix `transformer.`); Conv1D matrices are stored (in, out), so they are transposed; the
+    causal-mask buffers `h.N.attn.bias` / `attn.masked_bias` are skipped, and the head is the tied embedding.
+    Raises ValueError naming missing or unexpected keys (shapes are checked by load_state_dict)."""
+    out = {}
+    for key, t in hf.items():
+        k = key.removeprefix('transformer.')
+        parts = k.split('.')
+        if parts[-2:] in (['attn', 'bias'], ['attn', 'masked_bias']) or k == 'lm_head.weight':
+            continue
+        out['transformer.' + k] = t.t() if parts[-1] == 'weight' and parts[-2] in ('c_attn', 'c_proj', 'c_fc') else t
+    want = {'wte.weight', 'wpe.weight', 'ln_f.weight', 'ln_f.bias'} | {
+        f'h.{i}.{m}.{p}' for i in range(n_layer) for m in ('ln_1', 'ln_2', 'attn.c_attn', 'attn.c_proj', 'mlp.c_fc',
+                                                           'mlp.c_proj') for p in ('weight', 'bias')}
+    have = {k.removeprefix('transformer.') for k in out}
+    if want - have or have - want:
+        raise ValueError(f"not a {n_layer}-layer GPT-2 state dict: missing {sorted(want - have)[:4]}, "
+                         f"unexpected {sorted(have - want)[:4]}")
+    out['lm_head.weight'] = out['transformer.wte.weight']
+    return out
 
 
 # ==== KV caches ====

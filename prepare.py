@@ -133,13 +133,17 @@ def sha256_of(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def download(url, dest, sha256=None, headers=None, max_bytes=0, retries=4, timeout=30):
-    """Fetch url to dest (reused when already there and its sha256 matches). Returns dest."""
+def download(url, dest, sha256=None, headers=None, max_bytes=0, retries=4, timeout=30, sha256_header=None):
+    """Fetch url to dest (reused when already there and its sha256 matches). Returns dest. sha256_header: a
+    response header (of the answer or a redirect before it) carrying the expected sha256, when none is given."""
     if os.path.exists(dest) and (sha256 is None or sha256_of(open(dest, "rb").read()) == sha256):
         return dest
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     r = http_get(url, headers=headers, stream=True, retries=retries, timeout=timeout)
     total = max_bytes or int(r.headers.get("Content-Length") or 0)
+    if sha256 is None and sha256_header:
+        sent = [x.headers[sha256_header] for x in [*getattr(r, "history", []), r] if sha256_header in x.headers]
+        sha256 = sent[0].strip('"') if sent else None
     tmp, h, done, last = dest + ".part", hashlib.sha256(), 0, 0.0
     try:
         with open(tmp, "wb") as f:
@@ -165,6 +169,16 @@ def download(url, dest, sha256=None, headers=None, max_bytes=0, retries=4, timeo
         if os.path.exists(tmp):
             os.remove(tmp)
     return dest
+
+
+GPT2_WEIGHTS_URL = "https://huggingface.co/{}/resolve/main/model.safetensors"
+
+
+def gpt2_weights_file(name, cache=os.path.join("data", ".cache")):
+    """OpenAI's GPT-2 `name` (gpt2, gpt2-medium, ...) in Hugging Face's layout, downloaded once to
+    data/.cache/NAME.safetensors; its sha256 is the Git LFS object id the hub sends as X-Linked-Etag."""
+    return download(GPT2_WEIGHTS_URL.format(name), os.path.join(cache, f"{name}.safetensors"),
+                    sha256_header="X-Linked-Etag")
 
 
 def fetch_raw(cfg, url, sha256, cache, filename):

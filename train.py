@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from configurator import configure, die, save_json
-from model import GPT, GPTConfig, RUNTIME_FLAGS, peak_flops
+from model import GPT, GPTConfig, GPT2_SIZES, RUNTIME_FLAGS, gpt2_config, gpt2_state_dict, peak_flops
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -28,7 +28,9 @@ eval_interval = 250       # evaluate (and checkpoint) every N iterations
 log_interval = 10         # print a line every N iterations
 eval_iters = 20           # batches per split in each evaluation (the same fixed batches every time)
 eval_only = False         # evaluate once and exit
-init_from = 'scratch'     # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'     # scratch | resume (out_dir/ckpt.pt) | DIR or path/to/ckpt.pt (finetune another run's
+                          # weights) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights)
+init_file = ''            # gpt2*: a local model.safetensors (Hugging Face layout) instead of the download
 always_save_checkpoint = True  # ckpt.pt at every eval (latest, for resume) + best.pt on improvement;
                                # False: ckpt.pt only when val improves (nanoGPT)
 early_stop_patience = 0   # stop after N evals without val improvement; 0 = never
@@ -138,30 +140,56 @@ if gradient_accumulation_steps % world_size:
 micro_steps = gradient_accumulation_steps // world_size  # per process
 lr_decay_iters = lr_decay_iters or max_iters
 
-# resume: the architecture (shapes, components) comes from the checkpoint, runtime flags from this command line
+# The starting point. resume: this out_dir's run continues (weights, optimizer, schedule, data position).
+# A finetune (another run's checkpoint, or GPT-2) takes only the weights: fresh optimizer, schedule and data.
+# Either way the architecture (shapes, components) comes from the weights and runtime flags from this command line.
 iter_num, best_val_loss, evals_without_improvement = 0, float('inf'), 0
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-checkpoint = None
-if init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        die(f"no checkpoint to resume from at {ckpt_path}; train with --init_from=scratch first")
+checkpoint = base_state = None  # checkpoint: resume only; base_state: the weights a finetune starts from
+if init_from == 'scratch':
+    ckpt_args = None
+elif init_from in GPT2_SIZES:
+    ckpt_args, base_path = gpt2_config(init_from), init_file
+    if not base_path:
+        import prepare
+        try:
+            base_path = prepare.gpt2_weights_file(init_from)
+        except prepare.PrepareError as e:
+            die(f"{e} (or pass --init_file=PATH to a local {init_from} model.safetensors)")
     try:
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        ckpt_args = {f.name: checkpoint['model_args'].get(f.name, f.default) for f in fields(GPTConfig)}
+        from safetensors.torch import load_file
+        base_state = gpt2_state_dict(load_file(base_path), ckpt_args['n_layer'])
     except Exception as e:
-        die(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}")
+        die(f"cannot read {init_from} weights from {base_path}: {type(e).__name__}: {e}")
+else:
+    base_path = ckpt_path if init_from == 'resume' else \
+        init_from if init_from.endswith('.pt') else os.path.join(init_from, 'ckpt.pt')
+    if not os.path.isfile(base_path):
+        die(f"no checkpoint at {base_path}; init_from is scratch, resume, a run directory, a ckpt.pt or gpt2*"
+            if init_from != 'resume' else f"no checkpoint to resume from at {ckpt_path}; train with "
+            f"--init_from=scratch first")
+    try:
+        loaded = torch.load(base_path, map_location='cpu', weights_only=True)
+        ckpt_args = loaded['model_args']
+        base_state = {k.removeprefix('_orig_mod.'): v for k, v in loaded['model'].items()}
+    except Exception as e:
+        die(f"cannot read checkpoint {base_path}: {type(e).__name__}: {e}")
+    checkpoint = loaded if init_from == 'resume' else None
+if ckpt_args is not None:
+    ckpt_args = {f.name: ckpt_args.get(f.name, f.default) for f in fields(GPTConfig)}
     for k, v in ckpt_args.items():
         if k in RUNTIME_FLAGS or k == 'vocab_size':  # vocab_size: checked against the data below
             continue
-        if config[k] != defaults[k] and config[k] != v:  # asked for on the command line or in a config file
-            die(f"--{k}={config[k]!r} differs from the checkpoint's {k}={v!r}: a resumed run keeps its "
-                f"architecture (only {', '.join(RUNTIME_FLAGS)} may change)")
+        asked = config[k] != defaults[k]  # on the command line or in a config file
+        if asked and k == 'block_size' and config[k] < v and init_from != 'resume':
+            continue  # a finetune may train on a shorter context (learned positions are cropped, as nanoGPT)
+        if asked and config[k] != v:
+            die(f"--{k}={config[k]!r} differs from {k}={v!r} of {init_from if init_from in GPT2_SIZES else 'the checkpoint ' + base_path}: "
+                f"the architecture comes with the weights (only {', '.join(RUNTIME_FLAGS)} may change)")
         globals()[k] = config[k] = v
     changed = [f"{k} {ckpt_args[k]!r} -> {config[k]!r}" for k in RUNTIME_FLAGS if config[k] != ckpt_args[k]]
     if changed and master:
-        print(f"resume: runtime flags from the command line: {', '.join(changed)}")
-elif init_from != 'scratch':
-    die(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+        print(f"{init_from}: runtime flags from the command line: {', '.join(changed)}")
 
 # data -------------------------------------------------------------------------
 data_dir = data_dir or os.path.join('data', dataset)
@@ -175,9 +203,9 @@ try:
 except (ValueError, KeyError, TypeError) as e:
     die(f"{meta_path} is not a valid meta.json ({type(e).__name__}: {e}); re-run: python prepare.py {dataset}")
 vocab_size = config['vocab_size'] = meta['vocab_size']  # the tokenizer decides the vocabulary
-if checkpoint is not None and ckpt_args['vocab_size'] != vocab_size:
-    die(f"{data_dir} has vocab_size={vocab_size} but the checkpoint {ckpt_path} was trained with "
-        f"{ckpt_args['vocab_size']}: resume on the data it was trained on")
+if ckpt_args is not None and (vocab_size < ckpt_args['vocab_size'] or checkpoint and vocab_size != ckpt_args['vocab_size']):
+    die(f"{data_dir} has vocab_size={vocab_size} but {base_path} has {ckpt_args['vocab_size']}: tokenize the data "
+        f"with the base model's tokenizer" + (" (python prepare.py NAME --tokenizer=gpt2)" if init_from in GPT2_SIZES else ""))
 splits = {}
 for split in ('train', 'val'):
     tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.dtype(meta['dtype']), mode='r')
@@ -227,8 +255,20 @@ try:
 except (ValueError, AssertionError, TypeError) as e:
     die(f"bad model config: {e}")
 torch.manual_seed(seed + rank)  # dropout masks differ per rank; data sampling has its own generator
-if checkpoint is not None:
-    model.load_state_dict(checkpoint['model'])
+if base_state is not None:
+    grown = vocab_size - ckpt_args['vocab_size']  # tokens the base lacks (e.g. ChatML's): rows = mean embedding
+    for k in ('transformer.wte.weight', 'lm_head.weight') if grown else ():
+        w = base_state[k]
+        base_state[k] = torch.cat([w, w.mean(0, keepdim=True).expand(grown, -1)])
+    if grown and master:
+        print(f"vocabulary grown from {ckpt_args['vocab_size']} to {vocab_size}: new rows start at the mean embedding")
+    if 'transformer.wpe.weight' in base_state:
+        base_state['transformer.wpe.weight'] = base_state['transformer.wpe.weight'][:block_size]
+    try:
+        model.load_state_dict(base_state)
+    except RuntimeError as e:  # shapes or keys that do not fit the architecture
+        die(f"the weights of {base_path} do not fit the model: {str(e).splitlines()[-1].strip()}")
+    base_state = None
 model.to(device)
 if fsdp:  # FSDP2 (fully_shard): each block's parameters live in 1/world_size shards, gathered for its forward
     if not ddp:
