@@ -683,8 +683,11 @@ class GPT(nn.Module):
                              f"only {', '.join(INFERENCE_FLAGS)} may be overridden")
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
         model = cls(GPTConfig(**{**ckpt['model_args'], **overrides}))
-        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
-        return model, ckpt
+        state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
+        if 'lora_base' in ckpt:  # a LoRA run saves its adapters only: load them onto its base and merge them
+            state = {**load_base_state(ckpt['lora_base'], model.config.vocab_size, model.config.block_size), **state}
+        model.load_state_dict(state)
+        return (model.merge_lora() if 'lora_base' in ckpt else model), ckpt
 
     def make_kv_cache(self, batch_size, max_len, kind='contiguous', page_size=256, offload=False,
                       device=None, dtype=None):
@@ -766,6 +769,26 @@ def gpt2_state_dict(hf, n_layer):
                          f"unexpected {sorted(have - want)[:4]}")
     out['lm_head.weight'] = out['transformer.wte.weight']
     return out
+
+
+def load_base_state(ref, vocab_size, block_size):
+    """The weights a finetune starts from, and a LoRA run's frozen base: ref = {'init_from', 'path'} names another
+    run's ckpt.pt or GPT-2's safetensors. Tokens the base lacks (e.g. ChatML's) get rows at its mean embedding;
+    learned positions are cropped to block_size (a finetune may use a shorter context)."""
+    if ref['init_from'] in GPT2_SIZES:
+        from safetensors.torch import load_file
+        state = gpt2_state_dict(load_file(ref['path']), GPT2_SIZES[ref['init_from']][0])
+    else:
+        ckpt = torch.load(ref['path'], map_location='cpu', weights_only=True)
+        if 'lora_base' in ckpt:
+            raise ValueError(f"{ref['path']} holds LoRA adapters only: finetune from its base, or merge it first")
+        state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
+    for k in ('transformer.wte.weight', 'lm_head.weight'):
+        w = state[k]
+        state[k] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - w.size(0), -1)])
+    if 'transformer.wpe.weight' in state:
+        state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:block_size]
+    return state
 
 
 # ==== KV caches ====

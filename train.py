@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from configurator import configure, die, save_json
-from model import GPT, GPTConfig, GPT2_SIZES, RUNTIME_FLAGS, gpt2_config, gpt2_state_dict, peak_flops
+from model import GPT, GPTConfig, GPT2_SIZES, RUNTIME_FLAGS, gpt2_config, load_base_state, peak_flops
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -145,51 +145,50 @@ lr_decay_iters = lr_decay_iters or max_iters
 # Either way the architecture (shapes, components) comes from the weights and runtime flags from this command line.
 iter_num, best_val_loss, evals_without_improvement = 0, float('inf'), 0
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-checkpoint = base_state = None  # checkpoint: resume only; base_state: the weights a finetune starts from
-if init_from == 'scratch':
-    ckpt_args = None
-elif init_from in GPT2_SIZES:
-    ckpt_args, base_path = gpt2_config(init_from), init_file
-    if not base_path:
+checkpoint = ckpt_args = base_ref = None  # resume's checkpoint; the base's GPTConfig args; where its weights are
+if init_from in GPT2_SIZES:
+    base_ref = {'init_from': init_from, 'path': os.path.abspath(init_file) if init_file else None}
+    if not init_file:
         import prepare
         try:
-            base_path = prepare.gpt2_weights_file(init_from)
+            base_ref['path'] = os.path.abspath(prepare.gpt2_weights_file(init_from))
         except prepare.PrepareError as e:
             die(f"{e} (or pass --init_file=PATH to a local {init_from} model.safetensors)")
+    ckpt_args = gpt2_config(init_from)
+elif init_from != 'scratch':
+    path = ckpt_path if init_from == 'resume' else init_from if init_from.endswith('.pt') else \
+        os.path.join(init_from, 'ckpt.pt')
+    if not os.path.isfile(path):
+        die(f"no checkpoint to resume from at {ckpt_path}; train with --init_from=scratch first" if init_from == 'resume'
+            else f"no checkpoint at {path}; init_from is scratch, resume, a run directory, a ckpt.pt or gpt2*")
     try:
-        from safetensors.torch import load_file
-        base_state = gpt2_state_dict(load_file(base_path), ckpt_args['n_layer'])
-    except Exception as e:
-        die(f"cannot read {init_from} weights from {base_path}: {type(e).__name__}: {e}")
-else:
-    base_path = ckpt_path if init_from == 'resume' else \
-        init_from if init_from.endswith('.pt') else os.path.join(init_from, 'ckpt.pt')
-    if not os.path.isfile(base_path):
-        die(f"no checkpoint at {base_path}; init_from is scratch, resume, a run directory, a ckpt.pt or gpt2*"
-            if init_from != 'resume' else f"no checkpoint to resume from at {ckpt_path}; train with "
-            f"--init_from=scratch first")
-    try:
-        loaded = torch.load(base_path, map_location='cpu', weights_only=True)
+        loaded = torch.load(path, map_location='cpu', weights_only=True)
         ckpt_args = loaded['model_args']
-        base_state = {k.removeprefix('_orig_mod.'): v for k, v in loaded['model'].items()}
     except Exception as e:
-        die(f"cannot read checkpoint {base_path}: {type(e).__name__}: {e}")
-    checkpoint = loaded if init_from == 'resume' else None
+        die(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
+    if init_from == 'resume':
+        checkpoint, base_ref = loaded, loaded.get('lora_base')  # a LoRA run's checkpoint: adapters + its base
+    else:
+        base_ref = {'init_from': init_from, 'path': os.path.abspath(path)}
+    loaded = None
 if ckpt_args is not None:
     ckpt_args = {f.name: ckpt_args.get(f.name, f.default) for f in fields(GPTConfig)}
     for k, v in ckpt_args.items():
         if k in RUNTIME_FLAGS or k == 'vocab_size':  # vocab_size: checked against the data below
             continue
         asked = config[k] != defaults[k]  # on the command line or in a config file
-        if asked and k == 'block_size' and config[k] < v and init_from != 'resume':
-            continue  # a finetune may train on a shorter context (learned positions are cropped, as nanoGPT)
+        if asked and init_from != 'resume' and (k.startswith('lora_') or k == 'block_size' and config[k] < v):
+            continue  # a finetune adds adapters, or trains on a shorter context (learned positions are cropped)
         if asked and config[k] != v:
-            die(f"--{k}={config[k]!r} differs from {k}={v!r} of {init_from if init_from in GPT2_SIZES else 'the checkpoint ' + base_path}: "
+            die(f"--{k}={config[k]!r} differs from {k}={v!r} of {base_ref['path'] if base_ref else ckpt_path}: "
                 f"the architecture comes with the weights (only {', '.join(RUNTIME_FLAGS)} may change)")
         globals()[k] = config[k] = v
     changed = [f"{k} {ckpt_args[k]!r} -> {config[k]!r}" for k in RUNTIME_FLAGS if config[k] != ckpt_args[k]]
     if changed and master:
         print(f"{init_from}: runtime flags from the command line: {', '.join(changed)}")
+if lora_rank and init_from == 'scratch' and master:
+    print("warning: lora_rank > 0 with init_from=scratch trains adapters on frozen random weights; start from a "
+          "trained model (init_from=DIR or gpt2)")
 
 # data -------------------------------------------------------------------------
 data_dir = data_dir or os.path.join('data', dataset)
@@ -204,8 +203,8 @@ except (ValueError, KeyError, TypeError) as e:
     die(f"{meta_path} is not a valid meta.json ({type(e).__name__}: {e}); re-run: python prepare.py {dataset}")
 vocab_size = config['vocab_size'] = meta['vocab_size']  # the tokenizer decides the vocabulary
 if ckpt_args is not None and (vocab_size < ckpt_args['vocab_size'] or checkpoint and vocab_size != ckpt_args['vocab_size']):
-    die(f"{data_dir} has vocab_size={vocab_size} but {base_path} has {ckpt_args['vocab_size']}: tokenize the data "
-        f"with the base model's tokenizer" + (" (python prepare.py NAME --tokenizer=gpt2)" if init_from in GPT2_SIZES else ""))
+    die(f"{data_dir} has vocab_size={vocab_size} but {init_from} has {ckpt_args['vocab_size']}: tokenize the data with "
+        f"the base model's tokenizer" + (" (python prepare.py NAME --tokenizer=gpt2)" if init_from in GPT2_SIZES else ""))
 splits = {}
 for split in ('train', 'val'):
     tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.dtype(meta['dtype']), mode='r')
@@ -255,20 +254,24 @@ try:
 except (ValueError, AssertionError, TypeError) as e:
     die(f"bad model config: {e}")
 torch.manual_seed(seed + rank)  # dropout masks differ per rank; data sampling has its own generator
-if base_state is not None:
-    grown = vocab_size - ckpt_args['vocab_size']  # tokens the base lacks (e.g. ChatML's): rows = mean embedding
-    for k in ('transformer.wte.weight', 'lm_head.weight') if grown else ():
-        w = base_state[k]
-        base_state[k] = torch.cat([w, w.mean(0, keepdim=True).expand(grown, -1)])
-    if grown and master:
-        print(f"vocabulary grown from {ckpt_args['vocab_size']} to {vocab_size}: new rows start at the mean embedding")
-    if 'transformer.wpe.weight' in base_state:
-        base_state['transformer.wpe.weight'] = base_state['transformer.wpe.weight'][:block_size]
+if init_from != 'scratch':  # the weights: resumed (full, or a LoRA run's adapters on its base), or a finetune's base
+    state = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()} if checkpoint else {}
     try:
-        model.load_state_dict(base_state)
-    except RuntimeError as e:  # shapes or keys that do not fit the architecture
-        die(f"the weights of {base_path} do not fit the model: {str(e).splitlines()[-1].strip()}")
-    base_state = None
+        if base_ref:
+            state = {**load_base_state(base_ref, vocab_size, block_size), **state}
+        if vocab_size > ckpt_args['vocab_size'] and master:
+            print(f"vocabulary grown from {ckpt_args['vocab_size']} to {vocab_size}: new rows start at the mean embedding")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - set(model.lora_parameters()):  # a finetune's new adapters may be missing
+            raise ValueError(f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    except Exception as e:
+        die(f"cannot load the weights of {base_ref['path'] if base_ref else ckpt_path}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}")
+    state = None
+if lora_rank:
+    n = model.mark_only_lora_trainable()  # the base stays frozen; only the adapters train
+    if master:
+        print(f"LoRA rank {lora_rank} on {lora_targets}: {n:,} trainable parameters")
 model.to(device)
 if fsdp:  # FSDP2 (fully_shard): each block's parameters live in 1/world_size shards, gathered for its forward
     if not ddp:
@@ -290,7 +293,8 @@ if master:
 # optimizer: decay matrices (weights of Linear layers), not biases/norm gains/embeddings
 param_dict = {n: p for n, p in model.named_parameters() if p.requires_grad}
 is_embedding = lambda n: n.startswith(('transformer.wte.', 'transformer.wpe.'))
-decay = [p for n, p in param_dict.items() if p.dim() >= 2 and (decay_embeddings or not is_embedding(n))]
+decay = [p for n, p in param_dict.items() if p.dim() >= 2 and (decay_embeddings or not is_embedding(n))
+         and 'lora_' not in n]  # LoRA adapters: no decay (a decayed B pulls the update, not the weight, to 0)
 decay_ids = {id(p) for p in decay}
 no_decay = [p for p in param_dict.values() if id(p) not in decay_ids]
 groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
@@ -378,6 +382,8 @@ def checkpoint_state():
                      optimizer=get_optimizer_state_dict(raw_model, optimizer, options=opts))
     else:
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict())
+    if lora_rank and base_ref:  # megabytes, not the model: the adapters and where their frozen base is
+        state.update(model={k: state['model'][k] for k in raw_model.lora_parameters()}, lora_base=base_ref)
     return dict(state, fsdp=fsdp, **all_rng_states())
 
 

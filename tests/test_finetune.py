@@ -88,14 +88,20 @@ def test_init_from_gpt2_file_grows_vocab_and_crops_positions(tmp_path, monkeypat
     assert g['iter_num'] == 0
 
 
-def test_init_from_gpt2_bad_file_is_one_line(tmp_path):
+def test_init_from_gpt2_bad_file_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(model_module.GPT2_SIZES, 'gpt2', (2, 2, 32))
     bad = tmp_path / 'model.safetensors'
     bad.write_bytes(b'not safetensors')
     data = make_dataset(str(tmp_path / 'd'), vocab_size=50257)
-    r = run_train([f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--init_from=gpt2', f'--init_file={bad}'],
-                  check=False)
-    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'cannot read gpt2 weights' in r.stderr
+    with pytest.raises(SystemExit) as e:
+        run_in_process(f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--init_from=gpt2', f'--init_file={bad}')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'cannot load the weights of' in err and str(bad) in err
     assert not (tmp_path / 'o').exists()
+    with pytest.raises(SystemExit) as e:  # an architecture the weights do not have
+        run_in_process(f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--init_from=gpt2', f'--init_file={bad}',
+                       '--n_embd=64')
+    assert e.value.code == 2 and 'n_embd=64 differs from n_embd=32' in capsys.readouterr().err
 
 
 def test_gpt2_download_checks_the_hub_sha256(tmp_path, monkeypatch):
@@ -135,3 +141,45 @@ def test_init_from_a_run_finetunes_its_weights(tiny_data, tmp_path):
     r = run_train([f'--data_dir={tiny_data}', f'--out_dir={tmp_path / "x"}', f'--init_from={tmp_path / "nope"}'],
                   check=False)
     assert r.returncode == 2 and 'no checkpoint at' in r.stderr and not (tmp_path / 'x').exists()
+
+
+def test_lora_finetune_saves_adapters_resumes_exactly_and_merges(tiny_data, tmp_path):
+    """LoRA on a trained base: step 0 is the base exactly (B = 0); only adapters train and are saved, with a reference
+    to the base; stop + resume == uninterrupted; loading the checkpoint merges W + (alpha/r) B A into the base."""
+    from model import GPT
+    from test_train import train_losses
+    base, a, b = (str(tmp_path / n) for n in ('base', 'a', 'b'))
+    run_train([f'--data_dir={tiny_data}', f'--out_dir={base}', '--max_iters=20', '--eval_interval=20'])
+    lora = [f'--data_dir={tiny_data}', f'--init_from={base}', '--lora_rank=4', '--lora_alpha=8',
+            '--lora_targets=attn_in,attn_out,mlp_in,mlp_out', '--eval_interval=3', '--lr_decay_iters=6',
+            '--learning_rate=1e-2']
+    r = run_train(lora + [f'--out_dir={a}', '--max_iters=6'])
+    assert 'trainable parameters' in r.stdout
+    la = read_log(a)
+    assert la[0]['val_loss'] == [x for x in read_log(base) if 'val_loss' in x][-1]['val_loss']
+    ck = torch.load(os.path.join(a, 'ckpt.pt'), weights_only=True)
+    assert ck['model'] and all('lora_' in k for k in ck['model']) and ck['lora_base']['path'].endswith('ckpt.pt')
+    assert os.path.getsize(os.path.join(a, 'ckpt.pt')) < 0.5 * os.path.getsize(os.path.join(base, 'ckpt.pt'))
+    run_train(lora + [f'--out_dir={b}', '--max_iters=3'])
+    run_train(lora + [f'--out_dir={b}', '--max_iters=6', '--init_from=resume'])
+    assert [train_losses(b)[i] for i in (4, 5, 6)] == [train_losses(a)[i] for i in (4, 5, 6)]
+    merged, _ = GPT.from_checkpoint(os.path.join(a, 'ckpt.pt'))
+    base_w = torch.load(os.path.join(base, 'ckpt.pt'), weights_only=True)['model']
+    key = 'transformer.h.1.mlp.c_fc'
+    want = base_w[key + '.weight'] + 2.0 * ck['model'][key + '.lora_B'] @ ck['model'][key + '.lora_A']
+    torch.testing.assert_close(merged.state_dict()[key + '.weight'], want)
+    assert merged.config.lora_rank == 0 and not merged.lora_parameters()
+    assert torch.equal(merged.state_dict()['transformer.wte.weight'], base_w['transformer.wte.weight'])  # frozen
+
+
+@pytest.mark.skipif(__import__('test_train').TORCHRUN is None, reason='torchrun not installed')
+def test_lora_under_ddp_matches_one_process(tiny_data, tmp_path):
+    from test_train import run_torchrun, train_losses
+    base = str(tmp_path / 'base')
+    run_train([f'--data_dir={tiny_data}', f'--out_dir={base}', '--max_iters=4', '--eval_interval=4'])
+    lora = [f'--data_dir={tiny_data}', f'--init_from={base}', '--lora_rank=2', '--max_iters=3', '--eval_interval=3',
+            '--gradient_accumulation_steps=2']
+    run_train(lora + [f'--out_dir={tmp_path / "one"}'])
+    run_torchrun(lora + [f'--out_dir={tmp_path / "two"}'])
+    l1, l2 = train_losses(tmp_path / 'one'), train_losses(tmp_path / 'two')
+    assert sorted(l2) == [1, 2, 3] and all(l2[k] == pytest.approx(l1[k], rel=1e-5) for k in l1)
