@@ -52,6 +52,7 @@ DEFAULTS = dict(
     tokenizer="",           # char | bpe | gpt2; default char for shakespeare_char, else bpe
     vocab_size=4096,        # bpe: total ids = 256 bytes + merges + special tokens
     gpt2_file="",           # a local gpt2.tiktoken (== r50k_base.tiktoken) for --tokenizer=gpt2 offline
+    tokenizer_from="",      # a data dir or a run (DIR/ckpt.pt): reuse its tokenizer (for a finetune of that run)
     val_frac=0.1,           # single-text datasets: the last val_frac of the characters is val
     nfkc=False, lowercase=False, dedupe=False,  # curation (off by default, recorded in meta.json)
     max_doc_tokens=0,       # curation: drop documents longer than this many tokens (0 = off)
@@ -499,6 +500,25 @@ def build_tokenizer(kind, train_docs, cfg, specials):
     return bpe_tokenizer(kind, ranks, pattern, {s: len(ranks) + i for i, s in enumerate(specials)})
 
 
+def tokenizer_from(path, specials):
+    """The tokenizer of a data dir, or of the data a run was trained on (DIR or DIR/ckpt.pt: its config), with any
+    of `specials` it lacks added as new ids after its vocabulary (train.py grows the embedding to match)."""
+    data_dir = path
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        ckpt = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+        if not os.path.isfile(ckpt):
+            raise PrepareError(f"--tokenizer_from={path}: neither a data dir (meta.json) nor a run (ckpt.pt)")
+        import torch  # only here: a checkpoint's config says which data (and so which tokenizer) it was trained on
+        cfg = torch.load(ckpt, map_location="cpu", weights_only=True).get("config", {})
+        data_dir = cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", ""))
+    base = load_tokenizer(data_dir)
+    added = [t for t in specials if t not in base.special_tokens]
+    special = {**base.special_tokens, **{t: base.vocab_size + i for i, t in enumerate(added)}}
+    if base.kind == "char":
+        return Tokenizer("char", special, chars=base.chars)
+    return bpe_tokenizer(base.kind, base.ranks, base.enc._pat_str, special)
+
+
 def load_tokenizer(data_dir):
     """The tokenizer a data/NAME/ directory was written with (for train.py, sample.py, bench.py)."""
     meta_path = os.path.join(data_dir, "meta.json")
@@ -805,6 +825,8 @@ def prepare(name, cfg):
     out_dir = cfg["out"] or os.path.join("data", name)
     cache = os.path.join(os.path.dirname(os.path.abspath(out_dir)), ".cache")
     kind = cfg["tokenizer"] or ("char" if name == "shakespeare_char" else "bpe")
+    if cfg["tokenizer_from"] and cfg["tokenizer"]:
+        raise PrepareError("--tokenizer and --tokenizer_from exclude each other: the base run fixes the tokenizer")
     if kind not in ("char", "bpe", "gpt2"):
         raise PrepareError(f"--tokenizer={kind!r}; use char, bpe or gpt2")
     if not 0 < cfg["val_frac"] < 1:
@@ -822,7 +844,11 @@ def prepare(name, cfg):
     if not "".join(docs["train"]).strip() or not "".join(docs["val"]).strip():
         raise PrepareError(f"{name}: the train or val text is empty after curation ({curation})")
     specials = SPECIAL_TOKENS if (chat or kind != "char") else ((EOT,) if not single else ())
-    tok = build_tokenizer(kind, docs["train"], cfg, specials)
+    if cfg["tokenizer_from"]:
+        tok = tokenizer_from(cfg["tokenizer_from"], SPECIAL_TOKENS if chat else (EOT,) if not single else ())
+        kind = tok.kind
+    else:
+        tok = build_tokenizer(kind, docs["train"], cfg, specials)
 
     splits, masks = {}, {}
     for split in ("train", "val"):
@@ -862,7 +888,8 @@ def prepare(name, cfg):
                 **({"bytes_per_token_all": bytes_all} if masks else {}),
                 special_tokens=tok.special_tokens, eot_id=tok.eot_id, curation=curation, tokenizer_file=tok_file,
                 tokenizer_pattern=(GPT2_PATTERN if kind == "gpt2" else SPLIT_PATTERN) if kind != "char" else None,
-                **({f"{s}_mask_tokens": int(m.sum()) for s, m in masks.items()}), **corpus.get("extra", {}))
+                **({f"{s}_mask_tokens": int(m.sum()) for s, m in masks.items()}), **corpus.get("extra", {}),
+                **({"tokenizer_from": os.path.abspath(cfg["tokenizer_from"])} if cfg["tokenizer_from"] else {}))
     write_dataset(out_dir, tok, splits, masks, meta, corpus.get("files", {}))
     print(f"{name}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {tok.vocab_size} "
           f"({kind}), {meta['bytes_per_token']:.2f} bytes/{'counted ' if masks else ''}token -> {out_dir}")

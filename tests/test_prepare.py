@@ -455,3 +455,34 @@ def test_gpt2_from_local_ranks_file_with_chatml_tokens(tmp_path, monkeypatch):
     tok = prepare.load_tokenizer(tmp_path / "out")
     assert tok.kind == "gpt2" and tok.eot_id == 300 and tok.special_tokens["<|im_start|>"] == 301 and tok.vocab_size == 305
     assert tok.decode(tok.encode(SAMPLE[:200])) == SAMPLE[:200]
+
+
+def test_tokenizer_from_reuses_a_base_tokenizer_and_adds_missing_specials(tmp_path):
+    """A finetune's data is tokenized with its base's tokenizer: --tokenizer_from=DATA_DIR or a run (its ckpt.pt's
+    config names the data); ordinary text gets the base's ids, special tokens the base lacks get ids after it."""
+    import torch
+    (tmp_path / "a.txt").write_text(SAMPLE)
+    (tmp_path / "b.txt").write_text(SAMPLE[::-1])
+    base = str(tmp_path / "base")
+    assert prepare.main(["text", "--input", str(tmp_path / "a.txt"), "--tokenizer=bpe", "--vocab_size=300",
+                         f"--out={base}"]) == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"config": {"data_dir": base}}, run / "ckpt.pt")
+    for src in (base, str(run)):
+        out = str(tmp_path / f"ft-{os.path.basename(src)}")
+        assert prepare.main(["text", "--input", str(tmp_path / "b.txt"), f"--tokenizer_from={src}", f"--out={out}"]) == 0
+        a, b = prepare.load_tokenizer(base), prepare.load_tokenizer(out)
+        assert b.vocab_size == a.vocab_size and b.special_tokens == a.special_tokens
+        assert b.encode(SAMPLE[:500]) == a.encode(SAMPLE[:500])
+        assert json.load(open(os.path.join(out, "meta.json")))["tokenizer_from"] == os.path.abspath(src)
+    char = str(tmp_path / "char")
+    assert prepare.main(["text", "--input", str(tmp_path / "a.txt"), "--tokenizer=char", f"--out={char}"]) == 0
+    c = prepare.load_tokenizer(char)
+    grown = prepare.tokenizer_from(char, prepare.SPECIAL_TOKENS)
+    assert [grown.special_tokens[t] for t in prepare.SPECIAL_TOKENS] == list(range(c.vocab_size, c.vocab_size + 5))
+    assert grown.vocab_size == c.vocab_size + 5 and grown.encode("First Citizen") == c.encode("First Citizen")
+    with pytest.raises(prepare.PrepareError, match="neither a data dir"):
+        prepare.tokenizer_from(str(tmp_path / "nope"), ())
+    assert prepare.main(["text", "--input", str(tmp_path / "b.txt"), f"--tokenizer_from={base}", "--tokenizer=char",
+                         f"--out={tmp_path / 'x'}"]) == 2
