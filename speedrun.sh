@@ -28,6 +28,9 @@ python sample.py --out_dir=out-speedrun --num_samples=2 --max_new_tokens=200 --s
 echo "== bench (quick: the attention, decoding and kvcache scenarios at tiny sizes)"
 python bench.py --quick --scenario=attention,decoding,kvcache --out=out-speedrun/bench
 
+echo "== loss curve"
+python bench.py --plot out-speedrun --out=out-speedrun
+
 echo "== summary"
 SPEEDRUN_SECONDS=$(( $(date +%s) - start )) python - <<'PY'
 import json, os
@@ -42,7 +45,7 @@ report = ["# speedrun report", "", "| metric | value |", "|---|---|",
           f"| best val loss | {best['val_loss']:.4f} (iter {best['iter']}) |", f"| val bpb | {best['val_bpb']:.4f} |",
           f"| val ppl | {best['val_ppl']:.1f} |", f"| median train tok/s | {tok_s:,.0f} |",
           f"| training time | {evals[-1]['time']:.0f} s |", f"| wall time so far | {os.environ['SPEEDRUN_SECONDS']} s |",
-          "", "## samples", "", "```", open('out-speedrun/samples.txt').read().strip(), "```", "",
+          "", "![train and val loss](loss_curves.png)", "", "## samples", "", "```", open('out-speedrun/samples.txt').read().strip(), "```", "",
           "## bench (quick)", "", open('out-speedrun/bench/results.md').read()]
 open('out-speedrun/report.md', 'w').write("\n".join(report) + "\n")
 print("wrote out-speedrun/report.md")
