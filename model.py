@@ -58,6 +58,7 @@ class GPTConfig:
     lora_alpha: float = 16.0      # adapter output scaled by lora_alpha / lora_rank (alpha = 2r at the common r = 8)
     lora_dropout: float = 0.0     # dropout on the adapters' input only
     lora_targets: str = 'attn_in,attn_out'  # comma-separated subset of LORA_TARGETS
+    n_soft_prompt: int = 0        # 0 = off; k > 0 learned embeddings before every sequence (Lester et al. 2021)
 
     def __post_init__(self):
         def check(ok, msg):
@@ -83,6 +84,7 @@ class GPTConfig:
         check(self.lora_rank == 0 or (self.lora_rank > 0 and targets),
               f"lora_rank={self.lora_rank}: 0 = off, or r > 0 with at least one lora_targets of {list(LORA_TARGETS)}")
         self.lora_targets = ','.join(targets)
+        check(self.n_soft_prompt >= 0, f"n_soft_prompt={self.n_soft_prompt}: 0 = off, or k > 0 soft tokens")
 
     @property
     def head_dim(self):  # per attention head (q, k, v; MLA's no-RoPE part of q/k and its v)
@@ -442,13 +444,15 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_weights:  # one matrix embeds and un-embeds (Press & Wolf 2017), as GPT-2
             self.transformer.wte.weight = self.lm_head.weight
+        if c.n_soft_prompt:  # prompt tuning (Lester et al. 2021, REFERENCE §16.3); filled by init_soft_prompt
+            self.transformer.soft_prompt = nn.Parameter(torch.empty(c.n_soft_prompt, c.n_embd))
         # flags resolved once; forward and attn_inputs read only these (so editing self.config afterwards changes
         # nothing: to override flags, e.g. INFERENCE_FLAGS, build a new GPT from the edited config and load the weights)
         self.pos_emb, self.emb_norm, self.block_size = c.pos_emb, c.emb_norm, c.block_size
         self.rope_dim, self.rope_base = c.rope_dim, c.rope_base
         self.rope_scaling, self.rope_factor = c.rope_scaling, c.rope_factor
         self.sliding_window, self.attn_sinks, self.manual = c.sliding_window, c.attn_sinks, c.attn_impl == 'manual'
-        self.softcap, self.grad_checkpoint = c.logit_softcap, c.grad_checkpoint
+        self.softcap, self.grad_checkpoint, self.n_soft = c.logit_softcap, c.grad_checkpoint, c.n_soft_prompt
         self.moe_aux_coef, self.moe_z_coef = c.moe_aux_coef, c.moe_z_coef
         self.register_buffer('slopes', alibi_slopes(c.n_head) if c.pos_emb == 'alibi' else None, persistent=False)
         self.moe_layers = [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
@@ -465,6 +469,8 @@ class GPT(nn.Module):
         for m in self.modules():  # adapters last (B = 0, A random): the base draws what a lora_rank=0 model draws
             if isinstance(m, LoRALinear):
                 m.reset_lora()
+        if self.n_soft:  # from the initialised wte with its own generator: the global RNG stream is untouched
+            self.init_soft_prompt()
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -518,41 +524,51 @@ class GPT(nn.Module):
         """idx (B, T) new tokens. targets (B, T) with -1 = ignore; loss_mask (B, T) 0/1 weights.
         pad_mask (B, S) True = real token over all visible keys (e.g. idx != pad_id), or (B,) lengths for
         right padding; left padding is fine (positions = cumsum(valid) - 1). attn_mask: bool, broadcastable
-        to (B, n_head, T, S), True = may attend (selective masks). Returns (logits (B, T, V) fp32, loss)."""
+        to (B, n_head, T, S), True = may attend (selective masks). Returns (logits (B, T, V) fp32, loss).
+        Soft prompt (REFERENCE §16.3): its k embeddings go first when a sequence starts (no cache, or cache.pos
+        == 0), then live in the cache (cache.pos counts them); they take positions 0..k-1, are valid keys seen by
+        every token (pad_mask and attn_mask describe the real tokens only) and get no logits or loss."""
         B, T = idx.shape
         device = idx.device
         past = 0
         if kv_cache is not None:  # visible keys: everything, or what a streaming cache keeps (sinks + window)
             past = min(kv_cache.pos, kv_cache.keep) if getattr(kv_cache, 'keep', 0) else kv_cache.pos
-        S = past + T
+        pre = self.n_soft if kv_cache is None or kv_cache.pos == 0 else 0  # soft tokens entering now
+        S = past + pre + T
         if pad_mask is not None:
             if pad_mask.dim() == 1:
-                pad_mask = torch.arange(S, device=device)[None, :] < pad_mask.to(device)[:, None]
-            pad_mask = pad_mask.bool()
+                pad_mask = torch.arange(S - self.n_soft, device=device)[None, :] < pad_mask.to(device)[:, None]
+            pad_mask = F.pad(pad_mask.bool(), (self.n_soft, 0), value=True)
             kpos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)
         else:
             kpos = torch.arange(S, device=device)[None, :]
-        qpos = kpos[:, -T:]  # positions are indices into the visible window (StreamingLLM re-indexing)
+        qpos = kpos[:, -(pre + T):]  # positions are indices into the visible window (StreamingLLM re-indexing)
+        if attn_mask is not None and self.n_soft:  # every query may attend to the soft prompt
+            attn_mask = F.pad(attn_mask.bool().expand(*attn_mask.shape[:-2], T, S - self.n_soft),
+                              (self.n_soft, 0, pre, 0), value=True)
 
         x = self.transformer.wte(idx)
+        if pre:
+            x = torch.cat([self.transformer.soft_prompt.expand(B, -1, -1), x], dim=1)
         if self.emb_norm:
             x = self.transformer.ln_emb(x)
         if self.pos_emb == 'learned':
-            assert S <= self.block_size, f"length {S} > block_size {self.block_size} (learned positions)"
+            assert S <= self.block_size, \
+                f"length {S} (incl. n_soft_prompt={self.n_soft}) > block_size {self.block_size} (learned positions)"
             x = x + self.transformer.wpe(qpos)
         elif self.pos_emb == 'sinusoidal':  # token embeddings scaled by sqrt(d) (Vaswani et al. 2017, 3.4):
             # at init std 0.02 they would otherwise be drowned by the unit-amplitude sinusoids
             x = x * math.sqrt(x.size(-1)) + sinusoidal_embedding(qpos, x.size(-1)).to(x.dtype)
         x = self.transformer.drop(x)
         rerotate = kv_cache is not None and (getattr(kv_cache, 'keep', 0) or self.rope_scaling == 'dynamic')
-        a = self.attn_inputs(T, S, kpos=kpos, qpos=qpos, pad_mask=pad_mask, attn_mask=attn_mask,
+        a = self.attn_inputs(pre + T, S, kpos=kpos, qpos=qpos, pad_mask=pad_mask, attn_mask=attn_mask,
                              return_attn=return_attn, device=device, rerotate=rerotate)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, a, kv_cache, use_reentrant=False)
             else:
                 x = block(x, a, kv_cache)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x[:, pre:])  # logits for the real tokens only
         logits = self.lm_head(x).float()
         if self.softcap:  # Gemma 2 / nanochat: bounded logits, in fp32
             logits = self.softcap * torch.tanh(logits / self.softcap)
@@ -587,12 +603,19 @@ class GPT(nn.Module):
 
     def mark_only_lora_trainable(self):
         """Freeze the base (Linears, embeddings, norms, router, head): only adapters train. Returns their count."""
-        lora = self.lora_parameters()
-        if not lora:
-            raise ValueError("no LoRA adapters to train: set lora_rank > 0")
+        return self.mark_only_trainable(self.lora_parameters(), "no LoRA adapters to train: set lora_rank > 0")
+
+    def mark_only_adapters_trainable(self):
+        """Freeze the base: only the LoRA adapters and the soft prompt train. Returns their count."""
+        return self.mark_only_trainable(self.adapter_parameters(), "nothing to train: set lora_rank or n_soft_prompt")
+
+    def mark_only_trainable(self, params, error='nothing to train'):
+        """requires_grad only for `params` ({name: tensor} of this model). Returns their count."""
+        if not params:
+            raise ValueError(error)
         for n, p in self.named_parameters():
-            p.requires_grad_(n in lora)
-        return sum(p.numel() for p in lora.values())
+            p.requires_grad_(n in params)
+        return sum(p.numel() for p in params.values())
 
     def lora_state_dict(self):
         """Only the adapters (megabytes, not the base): model.load_state_dict(sd, strict=False) on the same base."""
@@ -606,6 +629,31 @@ class GPT(nn.Module):
                 m.merge()
         self.config = replace(self.config, lora_rank=0)
         return self
+
+    # ---- soft prompt (Lester et al. 2021, REFERENCE §16.3): n_soft_prompt embeddings before every sequence ----
+
+    def soft_prompt_parameters(self):
+        """{name: tensor} of the soft prompt ({} when n_soft_prompt=0), e.g. for an optimizer group without wd."""
+        return {n: p for n, p in self.named_parameters() if n == 'transformer.soft_prompt'}
+
+    @torch.no_grad()
+    def init_soft_prompt(self, token_ids=None, seed=0):
+        """Soft prompt <- wte rows of token_ids, or of n_soft_prompt distinct ids drawn with a seeded generator
+        (sampled vocabulary embeddings beat random init, Lester et al. §3.2). GPT.__init__ calls it; call it
+        again after loading base weights. Returns the token ids."""
+        wte = self.transformer.wte.weight
+        if token_ids is None:
+            token_ids = torch.randperm(wte.size(0), generator=torch.Generator().manual_seed(seed))[:self.n_soft]
+        self.transformer.soft_prompt.copy_(wte[torch.as_tensor(token_ids, device=wte.device)])
+        return token_ids
+
+    def adapter_parameters(self):
+        """What a parameter-efficient finetune trains and saves: LoRA adapters + the soft prompt."""
+        return {**self.lora_parameters(), **self.soft_prompt_parameters()}
+
+    def adapter_state_dict(self):
+        """LoRA adapters + soft prompt only: model.load_state_dict(sd, strict=False) on the same base."""
+        return {k: v for k, v in self.state_dict().items() if k in self.adapter_parameters()}
 
     @contextlib.contextmanager
     def lora_disabled(self):
@@ -629,9 +677,10 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding=True):
         """Parameter count (tied weights once; LoRA adapters included until merge_lora). non_embedding drops lookup
-        tables: wpe, and wte when untied (tied wte is the lm_head matmul), as nanoGPT's MFU convention."""
+        tables: wpe, the soft prompt, and wte when untied (tied wte is the lm_head matmul), as nanoGPT's MFU convention."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
+            n -= sum(p.numel() for p in self.soft_prompt_parameters().values())
             if self.pos_emb == 'learned':
                 n -= self.transformer.wpe.weight.numel()
             if not self.config.tie_weights:

@@ -49,9 +49,13 @@ dropout = 0.0
 bias = False
 dropout_schedule = ()     # (initial, final, at_progress): switch every dropout at that fraction of training
 label_smoothing = 0.0
-# optimizer: AdamW with decay on matrices only
+# optimizer: AdamW (or SGD) with decay on matrices only
+optimizer = 'adamw'       # adamw | sgd (momentum, nesterov off; its weight decay is L2, coupled to the gradient)
+momentum = 0.9            # sgd only
 learning_rate = 6e-4
 max_iters = 5000
+max_epochs = 0.0          # > 0: train this many passes over the train tokens instead (sets max_iters)
+evals_per_epoch = 0       # > 0 with max_epochs: evaluate this many times per epoch (sets eval_interval)
 weight_decay = 0.1
 decay_embeddings = False  # embeddings are lookups: decaying them mostly shrinks rare tokens
 betas = (0.9, 0.95)
@@ -73,7 +77,9 @@ seed = 1337
 globals().update({f.name: f.default for f in fields(GPTConfig) if f.name not in globals()})
 defaults = {k: v for k, v in globals().items() if not k.startswith('_')}
 config = configure(globals())
-for key, ok, rule in [('batch_size', batch_size >= 1, '>= 1'), ('block_size', block_size >= 1, '>= 1'),
+for key, ok, rule in [('optimizer', optimizer in ('adamw', 'sgd'), 'adamw or sgd'),
+                      ('max_epochs', max_epochs >= 0, '>= 0 (0 = use max_iters)'), ('momentum', 0 <= momentum < 1, 'in [0, 1)'),
+                      ('batch_size', batch_size >= 1, '>= 1'), ('block_size', block_size >= 1, '>= 1'),
                       ('max_iters', max_iters >= 0, '>= 0'), ('eval_interval', eval_interval >= 1, '>= 1'),
                       ('log_interval', log_interval >= 1, '>= 1'), ('eval_iters', eval_iters >= 1, '>= 1'),
                       ('gradient_accumulation_steps', gradient_accumulation_steps >= 1, '>= 1'),
@@ -138,7 +144,6 @@ if gradient_accumulation_steps % world_size:
     die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
         f"{world_size} processes")
 micro_steps = gradient_accumulation_steps // world_size  # per process
-lr_decay_iters = lr_decay_iters or max_iters
 
 # The starting point. resume: this out_dir's run continues (weights, optimizer, schedule, data position).
 # A finetune (another run's checkpoint, or GPT-2) takes only the weights: fresh optimizer, schedule and data.
@@ -217,6 +222,14 @@ for split in ('train', 'val'):
     if master:
         counted = f", {int(mask.sum()):,} counted by the loss mask" if mask is not None else ""
         print(f"{split}: {len(tokens):,} tokens{counted}")
+if max_epochs > 0:  # an epoch = the train tokens once, in global steps of tokens_per_iter
+    iters_per_epoch = max(1, len(splits['train'][0]) // (gradient_accumulation_steps * batch_size * block_size))
+    max_iters = config['max_iters'] = math.ceil(max_epochs * iters_per_epoch)
+    if evals_per_epoch > 0:
+        eval_interval = config['eval_interval'] = max(1, iters_per_epoch // evals_per_epoch)
+    if master:
+        print(f"{max_epochs:g} epoch(s) of {iters_per_epoch} iterations: max_iters={max_iters}, eval_interval={eval_interval}")
+lr_decay_iters = lr_decay_iters or max_iters
 if int(splits['val'][0][:100_000].max()) >= vocab_size:
     die(f"token ids in {data_dir} exceed vocab_size={vocab_size}; re-run prepare.py")
 
@@ -299,8 +312,13 @@ decay_ids = {id(p) for p in decay}
 no_decay = [p for p in param_dict.values() if id(p) not in decay_ids]
 groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 fused = device_type == 'cuda'  # the fused kernel is CUDA-only; foreach is the CPU default
-optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
+if optimizer == 'sgd':  # the key's string becomes the optimizer object here
+    optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, nesterov=False, fused=fused or None)
+else:
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
 if checkpoint is not None:
+    if checkpoint['config'].get('optimizer', 'adamw') != config['optimizer']:
+        die(f"{ckpt_path} was trained with optimizer={checkpoint['config'].get('optimizer', 'adamw')}: resume with it")
     if checkpoint.get('fsdp', False) != fsdp:  # FSDP saves optimizer state by parameter name, the others by index
         die(f"{ckpt_path} was written with fsdp={checkpoint.get('fsdp', False)}: resume with the same --fsdp")
     if fsdp:

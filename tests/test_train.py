@@ -489,3 +489,19 @@ def test_profile_writes_a_trace_with_memory_and_stacks(tiny_data, tmp_path):
     assert any(e.get('name') == '[memory]' for e in events)  # profile_memory
     assert any(e.get('cat') == 'python_function' for e in events)  # with_stack
     assert 'Self CPU' in r.stdout  # the op table
+
+
+def test_sgd_with_momentum_and_max_epochs(tiny_data, tmp_path):
+    """optimizer=sgd builds torch's SGD with the same param groups; max_epochs derives max_iters from the train
+    tokens (4000 tokens / (4 x 16) per step = 62 iterations an epoch) and evals_per_epoch the eval interval."""
+    g = load_script(tmp_path, '--optimizer=sgd', '--momentum=0.8', '--max_epochs=0.5', '--evals_per_epoch=4')
+    opt = g['optimizer']
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults['momentum'] == 0.8 and not opt.defaults['nesterov']
+    assert [grp['weight_decay'] for grp in opt.param_groups] == [0.1, 0.0]
+    assert g['max_iters'] == 31 and g['eval_interval'] == 15 and g['lr_decay_iters'] == 31
+    assert g['config']['max_iters'] == 31 and g['config']['optimizer'] == 'sgd'
+    out = tmp_path / 'sgd'
+    run_train([f'--data_dir={tiny_data}', f'--out_dir={out}', '--optimizer=sgd', '--learning_rate=0.3',
+               '--max_epochs=1', '--evals_per_epoch=2'])
+    evals = [x for x in read_log(out) if 'val_loss' in x]
+    assert [e['iter'] for e in evals] == [0, 31, 62] and evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.3
