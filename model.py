@@ -677,7 +677,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding=True):
         """Parameter count (tied weights once; LoRA adapters included until merge_lora). non_embedding drops lookup
-        tables: wpe, the soft prompt, and wte when untied (tied wte is the lm_head matmul), as nanoGPT's MFU convention."""
+        tables: wpe, soft prompt, and wte when untied (tied wte is the lm_head matmul), as nanoGPT's MFU convention."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= sum(p.numel() for p in self.soft_prompt_parameters().values())
@@ -741,9 +741,15 @@ class GPT(nn.Module):
     def make_kv_cache(self, batch_size, max_len, kind='contiguous', page_size=256, offload=False,
                       device=None, dtype=None):
         """A cache for model(idx, kv_cache=cache). With sliding_window the cache may keep only
-        attn_sinks + sliding_window - 1 tokens between calls (StreamingLLM), so decoding can go on forever."""
+        attn_sinks + sliding_window - 1 tokens between calls (StreamingLLM), so decoding can go on forever.
+        max_len counts real tokens: room for the n_soft_prompt soft tokens is added; a streaming cache must keep
+        them (they come first: attn_sinks >= n_soft_prompt), so pad_mask and positions stay defined."""
         c = self.config
         keep = self.attn_sinks + self.sliding_window - 1 if self.sliding_window else 0
+        if keep and self.attn_sinks < self.n_soft:
+            raise ValueError(f"attn_sinks={self.attn_sinks} < n_soft_prompt={self.n_soft}: a streaming cache "
+                             f"would evict the soft prompt; set attn_sinks >= {self.n_soft}")
+        max_len += self.n_soft
         args = dict(device=device or self.lm_head.weight.device, dtype=dtype, keep=keep, sinks=self.attn_sinks)
         if kind == 'paged':
             return PagedKVCache(c.n_layer, batch_size, max_len, page_size=page_size, offload=offload, **args)

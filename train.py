@@ -208,8 +208,9 @@ except (ValueError, KeyError, TypeError) as e:
     die(f"{meta_path} is not a valid meta.json ({type(e).__name__}: {e}); re-run: python prepare.py {dataset}")
 vocab_size = config['vocab_size'] = meta['vocab_size']  # the tokenizer decides the vocabulary
 if ckpt_args is not None and (vocab_size < ckpt_args['vocab_size'] or checkpoint and vocab_size != ckpt_args['vocab_size']):
-    die(f"{data_dir} has vocab_size={vocab_size} but {init_from} has {ckpt_args['vocab_size']}: tokenize the data with "
-        f"the base model's tokenizer" + (" (python prepare.py NAME --tokenizer=gpt2)" if init_from in GPT2_SIZES else ""))
+    die(f"{data_dir} has vocab_size={vocab_size} but {base_ref['path'] if base_ref else ckpt_path} has "
+        f"{ckpt_args['vocab_size']}: tokenize the data with the base model's tokenizer (python prepare.py NAME " +
+        ("--tokenizer=gpt2)" if init_from in GPT2_SIZES else f"--tokenizer_from={init_from})"))
 splits = {}
 for split in ('train', 'val'):
     tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.dtype(meta['dtype']), mode='r')
