@@ -4,6 +4,7 @@ Where things live (search for the name): positions `sinusoidal_embedding`, `appl
 SDPA) `CausalSelfAttention`; `Norm`; `MLP` (gelu, gelu_tanh, relu2, swiglu); `MoE`; init, loss, softcap,
 counts and FLOP/KV estimates in `GPT`; KV caches at the end. Formulas: ../shared/REFERENCE.md.
 LoRA (lora_* flags): `LoRALinear` made by `linear`; GPT.mark_only_lora_trainable, lora_state_dict, merge_lora.
+Soft prompt (n_soft_prompt): prepended in GPT.forward; GPT.init_soft_prompt, adapter_state_dict.
 """
 import contextlib
 import math

@@ -1,12 +1,10 @@
 """Finetuning starts: another run's checkpoint (init_from=DIR) and OpenAI's GPT-2 in Hugging Face's layout."""
 import os
-import runpy
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, make_dataset
+from conftest import make_dataset, train_script
 from test_train import TINY, read_log, run_train
 
 import model as model_module
@@ -15,14 +13,7 @@ import prepare
 
 def run_in_process(*args):
     """train.py in this process (max_iters=0: build, load, one eval); returns its globals."""
-    argv, cwd = sys.argv, os.getcwd()
-    sys.argv = ['train.py', *TINY, '--max_iters=0', *args]
-    try:
-        os.chdir(ROOT)
-        return runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='train')
-    finally:
-        sys.argv = argv
-        os.chdir(cwd)
+    return train_script([*TINY, '--max_iters=0', *args])
 
 
 def hf_gpt2_tensors(n_layer, n_embd, vocab=50257, block=1024, prefix='', seed=0):
@@ -48,7 +39,6 @@ def test_gpt2_mapping_computes_hf_conv1d(prefix):
     cfg = {**model_module.gpt2_config('gpt2'), 'n_layer': 2, 'n_head': 2, 'n_embd': 32, 'vocab_size': 100, 'block_size': 64}
     m = model_module.GPT(model_module.GPTConfig(**cfg))
     m.load_state_dict(model_module.gpt2_state_dict(hf, 2))
-    x = torch.randn(3, 32)
     for ours, key in ((m.transformer.h[1].attn.c_attn, 'h.1.attn.c_attn'), (m.transformer.h[0].mlp.c_fc, 'h.0.mlp.c_fc'),
                       (m.transformer.h[0].mlp.c_proj, 'h.0.mlp.c_proj')):
         w, b = hf[prefix + key + '.weight'], hf[prefix + key + '.bias']

@@ -4,7 +4,6 @@ import io
 import json
 import math
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_dataset
+from conftest import ROOT, make_dataset, train_script
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4', '--eval_iters=2',
         '--log_interval=1', '--device=cpu', '--dtype=float32', '--warmup_iters=2', '--learning_rate=3e-3',
@@ -20,22 +19,15 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_
 
 
 def run_train(args, check=True):
-    """train.py with the tiny settings, run in this process as a script (torch and the compiler stack that
-    torch.optim imports are loaded once, ~3 s less per run than a subprocess; conftest sets one thread, as
-    OMP_NUM_THREADS=1 would). Returns a CompletedProcess: exit code (die() -> 2), stdout, stderr."""
+    """train.py with the tiny settings, in this process (conftest sets one thread, as OMP_NUM_THREADS=1 would).
+    Returns a CompletedProcess: exit code (die() -> 2), stdout, stderr."""
     out, err, code = io.StringIO(), io.StringIO(), 0
-    argv, cwd = sys.argv, os.getcwd()
-    sys.argv = ['train.py', *TINY, *args]
     try:
-        os.chdir(ROOT)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+            train_script([*TINY, *args])
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-    finally:
-        sys.argv = argv
-        os.chdir(cwd)
-    r = subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
+    r = subprocess.CompletedProcess(['train.py', *args], code, out.getvalue(), err.getvalue())
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -67,15 +59,7 @@ def train_losses(out_dir):
 def load_script(tmp_path, *args):
     """Run train.py in-process with max_iters=0 (one eval, no steps) and return its globals."""
     data = make_dataset(str(tmp_path / 'd'))
-    argv = sys.argv
-    sys.argv = ['train.py', *TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--max_iters=0', *args]
-    cwd = os.getcwd()
-    try:
-        os.chdir(ROOT)
-        return runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='train')
-    finally:
-        sys.argv = argv
-        os.chdir(cwd)
+    return train_script([*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--max_iters=0', *args])
 
 
 def test_lr_schedule_and_dropout_schedule_values(tmp_path):
