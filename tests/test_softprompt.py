@@ -19,7 +19,7 @@ CONFIGS = {
     'nope': dict(pos_emb='none'),
     'gqa_rope_manual': dict(pos_emb='rope', n_kv_head=2, attn_impl='manual'),
     'mla': dict(attn_type='mla', pos_emb='rope'),
-    'untied_zero_init_lora': dict(tie_weights=False, zero_init=True, lora_rank=4),
+    'untied_rmsnorm_lora': dict(tie_weights=False, norm='rmsnorm', lora_rank=4),
 }
 IDX = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -33,12 +33,12 @@ def with_prefix(ids, idx):
     return torch.cat([torch.as_tensor(ids).expand(idx.size(0), -1), idx], dim=1)
 
 
-@pytest.mark.parametrize('name', list(CONFIGS))
+@pytest.mark.parametrize('cfg', list(CONFIGS.values()) + [dict(tie_weights=False, zero_init=True)])
 @torch.no_grad()
-def test_base_init_untouched_and_soft_rows_are_vocabulary_embeddings(name):
-    base = tiny(**CONFIGS[name])
+def test_base_init_untouched_and_soft_rows_are_vocabulary_embeddings(cfg):
+    base = tiny(**cfg)
     base_rng = torch.get_rng_state()
-    soft = tiny(**CONFIGS[name], n_soft_prompt=P)
+    soft = tiny(**cfg, n_soft_prompt=P)
     assert torch.equal(torch.get_rng_state(), base_rng)  # same global RNG consumption as n_soft_prompt=0
     b, sd = base.state_dict(), soft.state_dict()
     assert set(sd) - set(b) == {'transformer.soft_prompt'} and set(b) <= set(sd)
@@ -111,7 +111,7 @@ def test_counts():
         tiny(n_soft_prompt=-1)
 
 
-@pytest.mark.parametrize('name', [n for n in CONFIGS if n != 'untied_zero_init_lora'])
+@pytest.mark.parametrize('name', [n for n in CONFIGS if n != 'untied_rmsnorm_lora'])
 @pytest.mark.parametrize('kind', ['contiguous', 'paged'])
 @torch.no_grad()
 def test_cached_greedy_equals_uncached(kind, name):

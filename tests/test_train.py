@@ -327,12 +327,14 @@ def test_two_process_runs_exit_0_every_time(tiny_data, tmp_path, mode):
 
 
 @needs_torchrun
-def test_fsdp_three_processes_eval_iters_not_a_multiple(tiny_data, tmp_path):
+@pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
+def test_three_processes_eval_iters_not_a_multiple(tiny_data, tmp_path, mode):
     """eval_iters=20 over 3 ranks: every rank must run the same number of (collective) FSDP forwards, else the
     all-gathers do not pair up and the run hangs; the val loss must still average exactly 20 batches."""
     common = [f'--data_dir={tiny_data}', '--max_iters=2', '--eval_interval=2', '--eval_iters=20',
               '--gradient_accumulation_steps=3']
-    run_torchrun(common + ['--fsdp=True', f'--out_dir={tmp_path / "f"}'], nproc=3)
+    r = run_torchrun(common + [f'--fsdp={mode == "fsdp"}', f'--out_dir={tmp_path / "f"}'], nproc=3)
+    assert 'terminate called' not in r.stderr
     run_train(common + [f'--out_dir={tmp_path / "one"}'])
     ev3 = [r for r in read_log(tmp_path / 'f') if 'val_loss' in r]
     ev1 = [r for r in read_log(tmp_path / 'one') if 'val_loss' in r]
