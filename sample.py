@@ -328,6 +328,7 @@ kv_dtype = 'auto'         # KV cache: auto = float32 on CPU (its attention kerne
 compile = False           # torch.compile the model
 eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin),
 eval_per_type = 20        #   greedy, and --self_consistency=N majority vote; this many exercises per type
+eval_data_dir = ''        # --eval_exercises on this data dir's exercises (same tokenizer), e.g. a base model zero-shot
 # model.INFERENCE_FLAGS, applied to the checkpoint's model_args; None keeps the checkpoint's value. Shape flags
 # (n_layer, vocab_size, ...) are fixed by the trained weights.
 rope_scaling = None       # none | linear | ntk | dynamic | yarn: RoPE context extension (REFERENCE §2.4)
@@ -488,7 +489,8 @@ def run_eval(model, tok, data_dir, gen):
     import json
     path = os.path.join(data_dir, 'val_exercises.jsonl')
     if not os.path.isfile(path):
-        die(f"{path} missing: exercises with checkable answers come from python prepare.py synth --source=local")
+        die(f"{path} missing: exercises with checkable answers come from python prepare.py synth --source=local "
+            f"or plays_genre")
     by_type = {}
     for line in open(path, encoding='utf-8'):
         ex = json.loads(line)
@@ -534,7 +536,7 @@ def main(argv=None):
                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                no_repeat_ngram=no_repeat_ngram, kv_cache=kv_cache, page_size=page_size, offload=offload, kv_dtype=kv)
     if eval_exercises:
-        return run_eval(model, tok, data_dir, gen)
+        return run_eval(model, tok, eval_data_dir or data_dir, gen)
     if chat or prompt:
         return run_chat(model, tok, gen, stop_ids)
     text = start

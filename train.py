@@ -172,7 +172,7 @@ elif init_from != 'scratch':
     except Exception as e:
         die(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
     if init_from == 'resume':
-        checkpoint, base_ref = loaded, loaded.get('lora_base')  # a LoRA run's checkpoint: adapters + its base
+        checkpoint, base_ref = loaded, loaded.get('adapter_base')  # a LoRA run's checkpoint: adapters + its base
     else:
         base_ref = {'init_from': init_from, 'path': os.path.abspath(path)}
     loaded = None
@@ -402,7 +402,7 @@ def checkpoint_state():
     else:
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict())
     if lora_rank and base_ref:  # megabytes, not the model: the adapters and where their frozen base is
-        state.update(model={k: state['model'][k] for k in raw_model.lora_parameters()}, lora_base=base_ref)
+        state.update(model={k: state['model'][k] for k in raw_model.lora_parameters()}, adapter_base=base_ref)
     return dict(state, fsdp=fsdp, **all_rng_states())
 
 

@@ -148,7 +148,7 @@ def test_lora_finetune_saves_adapters_resumes_exactly_and_merges(tiny_data, tmp_
     la = read_log(a)
     assert la[0]['val_loss'] == [x for x in read_log(base) if 'val_loss' in x][-1]['val_loss']
     ck = torch.load(os.path.join(a, 'ckpt.pt'), weights_only=True)
-    assert ck['model'] and all('lora_' in k for k in ck['model']) and ck['lora_base']['path'].endswith('ckpt.pt')
+    assert ck['model'] and all('lora_' in k for k in ck['model']) and ck['adapter_base']['path'].endswith('ckpt.pt')
     assert os.path.getsize(os.path.join(a, 'ckpt.pt')) < 0.5 * os.path.getsize(os.path.join(base, 'ckpt.pt'))
     run_train(lora + [f'--out_dir={b}', '--max_iters=3'])
     run_train(lora + [f'--out_dir={b}', '--max_iters=6', '--init_from=resume'])
