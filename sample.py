@@ -110,9 +110,10 @@ def start_decoding(model, prompt, max_len, kv_cache='contiguous', page_size=256,
     device = next(model.parameters()).device
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     c = model.config
-    if kv_cache != 'none' and c.pos_emb == 'learned' and not c.sliding_window and max_len > c.block_size:
+    window = c.block_size - c.n_soft_prompt  # tokens that fit beside a soft prompt
+    if kv_cache != 'none' and c.pos_emb == 'learned' and not c.sliding_window and max_len > window:
         print(f"note: learned positions end at block_size={c.block_size} < {max_len} tokens: re-running the "
-              f"last {c.block_size} tokens for each new one (kv_cache='none', as nanoGPT)", file=sys.stderr)
+              f"last {window} tokens for each new one (kv_cache='none', as nanoGPT)", file=sys.stderr)
         kv_cache = 'none'
     cache = None if kv_cache == 'none' else model.make_kv_cache(
         1, max_len, kind=kv_cache, page_size=page_size, offload=offload, device=device, dtype=kv_dtype)
@@ -123,12 +124,12 @@ def start_decoding(model, prompt, max_len, kv_cache='contiguous', page_size=256,
         tokens = tokens.view(-1, 1).to(device)
         if cache is None:
             hist = torch.cat([hist[rows.to(device)], tokens], dim=1)
-            return model(hist[:, -c.block_size:])[0][:, -1]
+            return model(hist[:, -window:])[0][:, -1]
         if len(rows) != cache.batch_size or not torch.equal(rows.cpu(), torch.arange(len(rows))):
             cache.reorder(rows.to(device))
         return model(tokens, kv_cache=cache)[0][:, -1]
     step.cache = cache
-    return model(idx if cache is not None else idx[:, -c.block_size:], kv_cache=cache)[0][:, -1], step
+    return model(idx if cache is not None else idx[:, -window:], kv_cache=cache)[0][:, -1], step
 
 
 @torch.no_grad()

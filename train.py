@@ -182,8 +182,9 @@ if ckpt_args is not None:
         if k in RUNTIME_FLAGS or k == 'vocab_size':  # vocab_size: checked against the data below
             continue
         asked = config[k] != defaults[k]  # on the command line or in a config file
-        if asked and init_from != 'resume' and (k.startswith('lora_') or k == 'block_size' and config[k] < v):
-            continue  # a finetune adds adapters, or trains on a shorter context (learned positions are cropped)
+        if asked and init_from != 'resume' and (k.startswith('lora_') or k == 'n_soft_prompt' or
+                                                 k == 'block_size' and config[k] < v):
+            continue  # a finetune adds adapters or a soft prompt, or uses a shorter context (wpe is cropped)
         if asked and config[k] != v:
             die(f"--{k}={config[k]!r} differs from {k}={v!r} of {base_ref['path'] if base_ref else ckpt_path}: "
                 f"the architecture comes with the weights (only {', '.join(RUNTIME_FLAGS)} may change)")
@@ -191,11 +192,15 @@ if ckpt_args is not None:
     changed = [f"{k} {ckpt_args[k]!r} -> {config[k]!r}" for k in RUNTIME_FLAGS if config[k] != ckpt_args[k]]
     if changed and master:
         print(f"{init_from}: runtime flags from the command line: {', '.join(changed)}")
-if lora_rank and init_from == 'scratch' and master:
-    print("warning: lora_rank > 0 with init_from=scratch trains adapters on frozen random weights; start from a "
-          "trained model (init_from=DIR or gpt2)")
+adapters = lora_rank > 0 or n_soft_prompt > 0  # LoRA / prompt tuning: the base is frozen, only these train
+if adapters and init_from == 'scratch' and master:
+    print("warning: lora_rank or n_soft_prompt with init_from=scratch trains adapters on frozen random weights; "
+          "start from a trained model (init_from=DIR or gpt2)")
 
 # data -------------------------------------------------------------------------
+seq_len = block_size - n_soft_prompt  # tokens of a training window: a soft prompt takes the first positions
+if seq_len < 1:
+    die(f"n_soft_prompt={n_soft_prompt} leaves no room in block_size={block_size}")
 data_dir = data_dir or os.path.join('data', dataset)
 meta_path = os.path.join(data_dir, 'meta.json')
 if not os.path.isfile(meta_path):
@@ -216,15 +221,15 @@ for split in ('train', 'val'):
     tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.dtype(meta['dtype']), mode='r')
     mask_path = os.path.join(data_dir, f'{split}_mask.bin')
     mask = np.memmap(mask_path, dtype=np.uint8, mode='r') if os.path.isfile(mask_path) else None
-    if len(tokens) <= block_size + 1:
-        die(f"{split} split of '{dataset}' has {len(tokens)} tokens, fewer than block_size+2="
-            f"{block_size + 2}; lower --block_size or use more data")
+    if len(tokens) <= seq_len + 1:
+        die(f"{split} split of '{dataset}' has {len(tokens)} tokens, fewer than the window+2="
+            f"{seq_len + 2}; lower --block_size or use more data")
     splits[split] = (tokens, mask)
     if master:
         counted = f", {int(mask.sum()):,} counted by the loss mask" if mask is not None else ""
         print(f"{split}: {len(tokens):,} tokens{counted}")
 if max_epochs > 0:  # an epoch = the train tokens once, in global steps of tokens_per_iter
-    iters_per_epoch = max(1, len(splits['train'][0]) // (gradient_accumulation_steps * batch_size * block_size))
+    iters_per_epoch = max(1, len(splits['train'][0]) // (gradient_accumulation_steps * batch_size * seq_len))
     max_iters = config['max_iters'] = math.ceil(max_epochs * iters_per_epoch)
     if evals_per_epoch > 0:
         eval_interval = config['eval_interval'] = max(1, iters_per_epoch // evals_per_epoch)
@@ -238,11 +243,11 @@ if int(splits['val'][0][:100_000].max()) >= vocab_size:
 def get_batch(split, ix):
     """Windows starting at offsets ix -> (x, y, loss_mask or None) on the device."""
     tokens, mask = splits[split]
-    x = torch.stack([torch.from_numpy(tokens[i:i + block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    x = torch.stack([torch.from_numpy(tokens[i:i + seq_len].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + seq_len].astype(np.int64)) for i in ix])
     m = None  # mask[i+1] says whether target token i+1 counts
     if mask is not None:
-        m = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + block_size].astype(np.float32)) for i in ix])
+        m = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + seq_len].astype(np.float32)) for i in ix])
     if device_type == 'cuda':  # pinned host memory: the copies run asynchronously
         return tuple(t if t is None else t.pin_memory().to(device, non_blocking=True) for t in (x, y, m))
     return tuple(t if t is None else t.to(device) for t in (x, y, m))
@@ -255,7 +260,7 @@ data_gen = torch.Generator().manual_seed(seed)
 
 
 def draw_offsets():
-    high = len(splits['train'][0]) - block_size - 1
+    high = len(splits['train'][0]) - seq_len - 1
     ix = torch.randint(high, (gradient_accumulation_steps, batch_size), generator=data_gen)
     return ix[rank * micro_steps:(rank + 1) * micro_steps].tolist()
 
@@ -276,16 +281,20 @@ if init_from != 'scratch':  # the weights: resumed (full, or a LoRA run's adapte
         if vocab_size > ckpt_args['vocab_size'] and master:
             print(f"vocabulary grown from {ckpt_args['vocab_size']} to {vocab_size}: new rows start at the mean embedding")
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - set(model.lora_parameters()):  # a finetune's new adapters may be missing
+        if unexpected or set(missing) - set(model.adapter_parameters()):  # a finetune's new adapters are missing
             raise ValueError(f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     except Exception as e:
         die(f"cannot load the weights of {base_ref['path'] if base_ref else ckpt_path}: {type(e).__name__}: "
             f"{str(e).splitlines()[0][:300]}")
     state = None
-if lora_rank:
-    n = model.mark_only_lora_trainable()  # the base stays frozen; only the adapters train
-    if master:
-        print(f"LoRA rank {lora_rank} on {lora_targets}: {n:,} trainable parameters")
+    if n_soft_prompt and init_from != 'resume':
+        model.init_soft_prompt()  # from the loaded vocabulary's embeddings (Lester et al. 2021), not the random init's
+if adapters:
+    model.mark_only_adapters_trainable()
+if master:
+    print(f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters" +
+          (f" (LoRA rank {lora_rank} on {lora_targets})" if lora_rank else "") +
+          (f" (soft prompt of {n_soft_prompt} tokens)" if n_soft_prompt else ""))
 model.to(device)
 if fsdp:  # FSDP2 (fully_shard): each block's parameters live in 1/world_size shards, gathered for its forward
     if not ddp:
@@ -300,7 +309,7 @@ if fsdp:  # FSDP2 (fully_shard): each block's parameters live in 1/world_size sh
     fully_shard(model)  # the rest: embeddings, final norm, head
 if master:
     print(f"device {device}, dtype {dtype}, {world_size} process(es), {micro_steps} micro-step(s) of "
-          f"{batch_size}x{block_size} tokens per process per step")
+          f"{batch_size}x{seq_len} tokens per process per step")
     print(f"parameters: {model.num_params():,} (non-embedding), active per token: "
           f"{model.num_active_params():,}")
 
@@ -308,7 +317,7 @@ if master:
 param_dict = {n: p for n, p in model.named_parameters() if p.requires_grad}
 is_embedding = lambda n: n.startswith(('transformer.wte.', 'transformer.wpe.'))
 decay = [p for n, p in param_dict.items() if p.dim() >= 2 and (decay_embeddings or not is_embedding(n))
-         and 'lora_' not in n]  # LoRA adapters: no decay (a decayed B pulls the update, not the weight, to 0)
+         and 'lora_' not in n and 'soft_prompt' not in n]  # adapters: no decay (it would pull them to 0)
 decay_ids = {id(p) for p in decay}
 no_decay = [p for p in param_dict.values() if id(p) not in decay_ids]
 groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
@@ -372,7 +381,7 @@ def estimate_loss():
     model.eval()
     for split in ('train', 'val'):
         gen = torch.Generator().manual_seed(seed + 1)  # the same batches at every eval
-        high = len(splits[split][0]) - block_size - 1
+        high = len(splits[split][0]) - seq_len - 1
         total = torch.zeros(2 + len(aux_names), device=device)  # sum of losses, batches, aux terms
         for k in range(-(-eval_iters // world_size) * world_size if fsdp else eval_iters):
             ix = torch.randint(high, (batch_size,), generator=gen).tolist()
@@ -401,8 +410,8 @@ def checkpoint_state():
                      optimizer=get_optimizer_state_dict(raw_model, optimizer, options=opts))
     else:
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict())
-    if lora_rank and base_ref:  # megabytes, not the model: the adapters and where their frozen base is
-        state.update(model={k: state['model'][k] for k in raw_model.lora_parameters()}, adapter_base=base_ref)
+    if adapters and base_ref:  # megabytes, not the model: the adapters and where their frozen base is
+        state.update(model={k: state['model'][k] for k in raw_model.adapter_parameters()}, adapter_base=base_ref)
     return dict(state, fsdp=fsdp, **all_rng_states())
 
 
@@ -455,7 +464,7 @@ if master:
     print("config:", json.dumps(config, default=str))
     save_json(config, os.path.join(out_dir, 'config.json'))
     log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w')
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+tokens_per_iter = gradient_accumulation_steps * batch_size * seq_len
 flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / world_size  # per device: MFU is per device
 peak = peak_flops(device, ptdtype) if master else None  # of one device, in the training dtype
 bytes_per_token = meta.get('bytes_per_token') or 0  # of the tokens the loss counts (prepare.py)

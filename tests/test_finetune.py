@@ -173,3 +173,26 @@ def test_lora_under_ddp_matches_one_process(tiny_data, tmp_path):
     run_torchrun(lora + [f'--out_dir={tmp_path / "two"}'])
     l1, l2 = train_losses(tmp_path / 'one'), train_losses(tmp_path / 'two')
     assert sorted(l2) == [1, 2, 3] and all(l2[k] == pytest.approx(l1[k], rel=1e-5) for k in l1)
+
+
+def test_soft_prompt_finetune_trains_only_the_prompt(tiny_data, tmp_path):
+    """Prompt tuning on a base: k x n_embd trainable numbers initialised from vocabulary rows of the BASE's embedding,
+    windows of block_size - k tokens, a checkpoint with only the prompt (+ the base's path) that loads onto the base."""
+    from model import GPT
+    base, a = str(tmp_path / 'base'), str(tmp_path / 'a')
+    run_train([f'--data_dir={tiny_data}', f'--out_dir={base}', '--max_iters=20', '--eval_interval=20',
+               '--pos_emb=learned'])
+    r = run_train([f'--data_dir={tiny_data}', f'--init_from={base}', f'--out_dir={a}', '--n_soft_prompt=4',
+                   '--max_iters=4', '--eval_interval=4', '--learning_rate=1e-2'])
+    assert '128 trainable parameters (soft prompt of 4 tokens)' in r.stdout and '4x12 tokens' in r.stdout
+    ck = torch.load(os.path.join(a, 'ckpt.pt'), weights_only=True)
+    assert set(ck['model']) == {'transformer.soft_prompt'} and ck['adapter_base']['path'].endswith('ckpt.pt')
+    base_sd = torch.load(os.path.join(base, 'ckpt.pt'), weights_only=True)['model']
+    model, _ = GPT.from_checkpoint(os.path.join(a, 'ckpt.pt'))
+    for k, v in base_sd.items():  # the base is untouched
+        assert torch.equal(model.state_dict()[k], v), k
+    assert torch.equal(model.transformer.soft_prompt, ck['model']['transformer.soft_prompt'])
+    g = run_in_process(f'--data_dir={tiny_data}', f'--init_from={base}', f'--out_dir={tmp_path / "b"}',
+                       '--n_soft_prompt=4')
+    rows = g['raw_model'].transformer.soft_prompt  # at step 0: rows of the base's embedding, not the random init's
+    assert all(any(torch.equal(row, w) for w in base_sd['transformer.wte.weight']) for row in rows)
