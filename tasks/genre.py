@@ -25,19 +25,20 @@ def passages(text, min_chars=300, max_chars=500):
     return out
 
 
-def examples(plays, per_play, seed=1337):
-    """plays: [(name, folder, rendered text)] -> [(user, assistant, name)], per_play passages drawn from each play
-    (all of them when it has fewer), so every play weighs the same."""
+def examples(plays, per_label, seed=1337):
+    """plays: [(name, folder, rendered text)] -> [(user, assistant, name)]: per_label passages of each label, shared
+    equally by its plays, so labels are balanced (else a model can score by answering the commonest label)."""
     rng, out = random.Random(seed), []
+    n_plays = {folder: sum(f == folder for _, f, _ in plays) for _, folder, _ in plays}
     for name, folder, text in plays:
         ps = passages(text)
-        for p in sorted(rng.sample(range(len(ps)), min(per_play, len(ps)))):
+        for p in sorted(rng.sample(range(len(ps)), min(-(-per_label // n_plays[folder]), len(ps)))):
             out.append((f"{ps[p]}\n\n{QUESTION}", LABELS[folder], name))
     return out
 
 
 def baselines(val_labels, train_labels):
     """Accuracy of always answering the most frequent train label, and of the best single label on val."""
-    common = max(set(train_labels), key=train_labels.count)
+    common = max(sorted(set(train_labels)), key=train_labels.count)  # ties: the first in alphabetical order
     return dict(majority_of_train=val_labels.count(common) / len(val_labels),
                 best_constant=max(val_labels.count(x) for x in set(val_labels)) / len(val_labels), chance=1 / len(LABELS))

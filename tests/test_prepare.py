@@ -494,8 +494,9 @@ def test_genre_passages_keep_whole_speeches_within_bounds():
     ps = genre.passages(text)
     assert ps and all(300 <= len(p) <= 500 for p in ps)
     assert all(p.split("\n")[0].endswith(":") for p in ps)  # a passage starts at a speech (or a speaker line)
-    ex = genre.examples([("p", "comedies", text)], per_play=5)
-    assert len(ex) == 5 and all(a == "comedy" and u.endswith(genre.QUESTION) for u, a, _ in ex)
+    ex = genre.examples([("p", "comedies", text), ("q", "comedies", text), ("r", "histories", text)], per_label=6)
+    assert len(ex) == 12 and all(u.endswith(genre.QUESTION) for u, _, _ in ex)
+    assert [a for _, a, _ in ex].count("comedy") == [a for _, a, _ in ex].count("history") == 6  # balanced labels
     assert genre.baselines(["comedy", "comedy", "tragedy"], ["history"] * 3) == dict(
         majority_of_train=0.0, best_constant=2 / 3, chance=1 / 6)
 
