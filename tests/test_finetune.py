@@ -196,3 +196,15 @@ def test_soft_prompt_finetune_trains_only_the_prompt(tiny_data, tmp_path):
                        '--n_soft_prompt=4')
     rows = g['raw_model'].transformer.soft_prompt  # at step 0: rows of the base's embedding, not the random init's
     assert all(any(torch.equal(row, w) for w in base_sd['transformer.wte.weight']) for row in rows)
+
+
+def test_gpt2_tokenizer_is_tiktokens_gpt2_encoding():
+    """--tokenizer=gpt2 is tiktoken's own definition: the same split pattern, and the r50k_base ranks file (tiktoken's
+    gpt2 and r50k_base share the ranks) at the same address with the same sha256. Read from tiktoken's source: no
+    network, no cached file needed."""
+    import inspect
+    import tiktoken_ext.openai_public as openai_public
+    assert prepare.GPT2_PATTERN == openai_public.r50k_pat_str
+    r50k = inspect.getsource(openai_public.r50k_base)
+    assert prepare.GPT2_URL in r50k and prepare.GPT2_SHA256 in r50k and '50257' in r50k
+    assert model_module.gpt2_config('gpt2')['vocab_size'] == 50257
