@@ -509,7 +509,7 @@ def tokenizer_from(path, specials):
         if not os.path.isfile(ckpt):
             raise PrepareError(f"--tokenizer_from={path}: neither a data dir (meta.json) nor a run (ckpt.pt)")
         import torch  # only here: a checkpoint's config says which data (and so which tokenizer) it was trained on
-        cfg = torch.load(ckpt, map_location="cpu", weights_only=True).get("config", {})
+        cfg = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("config", {})  # no weights read
         data_dir = cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", ""))
     base = load_tokenizer(data_dir)
     added = [t for t in specials if t not in base.special_tokens]

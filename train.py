@@ -167,8 +167,8 @@ elif init_from != 'scratch':
         die(f"no checkpoint to resume from at {ckpt_path}; train with --init_from=scratch first" if init_from == 'resume'
             else f"no checkpoint at {path}; init_from is scratch, resume, a run directory, a ckpt.pt or gpt2*")
     try:
-        loaded = torch.load(path, map_location='cpu', weights_only=True)
-        ckpt_args = loaded['model_args']
+        loaded = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # a finetune reads only the
+        ckpt_args = loaded['model_args']  # args here; load_base_state reads the weights when the model exists
     except Exception as e:
         die(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
     if init_from == 'resume':
@@ -557,15 +557,16 @@ while True:
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)  # (a no-op without fp16) the norm and the clipping see the true gradients
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm)  # FSDP: DTensor
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm  # FSDP: a DTensor
+    local_loss, grad_norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()  # one host sync per step
     # A diverged step never reaches the weights, so the last checkpoint stays good. The grad norm is the same on
     # every rank (gradients are all-reduced), so every rank stops together. fp16's GradScaler skips inf/NaN
     # gradients by design (it lowers the scale): there only a non-finite loss counts.
-    if not math.isfinite(loss_sum.item()) or not math.isfinite(grad_norm) and dtype != 'float16':
+    if not math.isfinite(local_loss) or not math.isfinite(grad_norm) and dtype != 'float16':
         kept = f"{ckpt_path} (iter {saved_at}) is the last good checkpoint" if saved_at else "no checkpoint written"
-        print(f"error: training diverged at iter {iter_num + 1}: loss {loss_sum.item():.4g}, grad norm "
+        print(f"error: training diverged at iter {iter_num + 1}: loss {local_loss:.4g}, grad norm "
               f"{grad_norm:.4g}; {kept}: lower learning_rate, raise warmup_iters, or set grad_clip", file=sys.stderr)
-        log({'iter': iter_num + 1, 'diverged': True, 'loss': loss_sum.item(), 'grad_norm': grad_norm})
+        log({'iter': iter_num + 1, 'diverged': True, 'loss': local_loss, 'grad_norm': grad_norm})
         shutdown(3)
     scaler.step(optimizer)
     scaler.update()
