@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, die, save_json
+from configurator import check_ranges, configure, die, save_json
 from model import GPT, GPTConfig, ContiguousKVCache, peak_flops
 from sample import beam_search, generate, load_checkpoint, model_overrides, reject_shape_flags
 
@@ -819,8 +819,7 @@ def main(argv=None):
             die("--plot needs run directories: python bench.py --plot out-a out-b")
     reject_shape_flags(argv, 'bench.py')
     configure(globals(), argv)
-    if eval_len < 0:
-        die(f"eval_len={eval_len} is out of range: eval_len must be >= 0 (0 = the scenario's default)")
+    check_ranges(globals(), [('eval_len', eval_len >= 0, ">= 0 (0 = the scenario's default)")])
     if model_overrides(globals()) and not ckpt:
         die("the inference overrides (rope_scaling, sliding_window, ...) apply to --ckpt=PATH only")
     if plot_dirs:

@@ -134,6 +134,13 @@ def die(msg):
     sys.exit(2)
 
 
+def check_ranges(g, checks):
+    """checks: (key, ok, rule) with ok already evaluated on the globals g; the first failed one is a user mistake."""
+    for key, ok, rule in checks:
+        if not ok:
+            die(f"{key}={g[key]!r} is out of range: {key} must be {rule}")
+
+
 def save_json(obj, path):
     """Write JSON atomically (tmp + rename) so a crash never leaves half a file."""
     tmp = path + '.tmp'

@@ -14,7 +14,7 @@ from collections import Counter
 
 import torch
 
-from configurator import ConfigError, coerce, configure, die
+from configurator import ConfigError, check_ranges, coerce, configure, die
 
 # -----------------------------------------------------------------------------
 # decoding strategies: functions on logits (B, V) -> logits (B, V), masked entries set to -inf
@@ -338,18 +338,6 @@ sliding_window = None     # W > 0: attend to the last W tokens, stream past bloc
 attn_sinks = None         # with sliding_window: the first S tokens stay attendable (StreamingLLM)
 attn_impl = None          # sdpa | manual
 
-# (key, valid?, the valid range in words) of the numeric knobs: main() checks them before loading anything
-KNOB_RANGES = (
-    ('temperature', lambda v, g: v >= 0, '>= 0 (0 = greedy)'), ('top_k', lambda v, g: v >= 0, '>= 0 (0 = off)'),
-    ('top_p', lambda v, g: 0 <= v <= 1, 'in [0, 1] (1 = off)'), ('min_p', lambda v, g: 0 <= v <= 1, 'in [0, 1]'),
-    ('repetition_penalty', lambda v, g: v > 0, '> 0 (1 = off)'), ('no_repeat_ngram', lambda v, g: v >= 0, '>= 0'),
-    ('max_new_tokens', lambda v, g: v >= 1, '>= 1'), ('num_samples', lambda v, g: v >= 1, '>= 1'),
-    ('beam_size', lambda v, g: v >= 1, '>= 1'),
-    ('n_best', lambda v, g: 1 <= v <= g['beam_size'], 'in [1, beam_size={beam_size}]'),
-    ('page_size', lambda v, g: v >= 1, '>= 1'), ('self_consistency', lambda v, g: v >= 0, '>= 0 (0 = off)'),
-    ('eval_per_type', lambda v, g: v >= 1, '>= 1'))
-
-
 def reject_shape_flags(argv, script):
     """Only INFERENCE_FLAGS may change on trained weights: any other model flag gets that answer, not 'unknown key'."""
     from model import GPTConfig, INFERENCE_FLAGS
@@ -372,9 +360,8 @@ def model_overrides(g):
                 out[k] = coerce(k, g[k], default)
             except ConfigError:
                 die(f"bad value for '{k}': {g[k]!r}, expected {type(default).__name__}")
-    for k, lo in (('rope_factor', 1), ('sliding_window', 0), ('attn_sinks', 0)):
-        if out.get(k, lo) < lo:
-            die(f"{k}={out[k]} is out of range: {k} must be >= {lo}")
+    check_ranges(out, [(k, out.get(k, lo) >= lo, f'>= {lo}') for k, lo in
+                       (('rope_factor', 1), ('sliding_window', 0), ('attn_sinks', 0))])
     return out
 
 
@@ -513,9 +500,14 @@ def main(argv=None):
                          ('dtype', 'auto|float32|bfloat16|float16'), ('kv_dtype', 'auto|float32|bfloat16|float16')):
         if globals()[key] not in allowed.split('|'):
             die(f"{key} must be {allowed}, got '{globals()[key]}'")
-    for key, ok, valid in KNOB_RANGES:
-        if not ok(globals()[key], globals()):
-            die(f"{key}={globals()[key]} is out of range: {key} must be {valid.format(**globals())}")
+    check_ranges(globals(), [  # before anything loads
+        ('temperature', temperature >= 0, '>= 0 (0 = greedy)'), ('top_k', top_k >= 0, '>= 0 (0 = off)'),
+        ('top_p', 0 <= top_p <= 1, 'in [0, 1] (1 = off)'), ('min_p', 0 <= min_p <= 1, 'in [0, 1]'),
+        ('repetition_penalty', repetition_penalty > 0, '> 0 (1 = off)'), ('no_repeat_ngram', no_repeat_ngram >= 0, '>= 0'),
+        ('max_new_tokens', max_new_tokens >= 1, '>= 1'), ('num_samples', num_samples >= 1, '>= 1'),
+        ('beam_size', beam_size >= 1, '>= 1'), ('n_best', 1 <= n_best <= beam_size, f'in [1, beam_size={beam_size}]'),
+        ('page_size', page_size >= 1, '>= 1'), ('self_consistency', self_consistency >= 0, '>= 0 (0 = off)'),
+        ('eval_per_type', eval_per_type >= 1, '>= 1')])
     overrides = model_overrides(globals())
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'

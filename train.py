@@ -18,7 +18,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from configurator import configure, die, save_json
+from configurator import check_ranges, configure, die, save_json
 from model import GPT, GPTConfig, GPT2_SIZES, RUNTIME_FLAGS, gpt2_config, load_base_state, peak_flops
 
 # -----------------------------------------------------------------------------
@@ -77,18 +77,18 @@ seed = 1337
 globals().update({f.name: f.default for f in fields(GPTConfig) if f.name not in globals()})
 defaults = {k: v for k, v in globals().items() if not k.startswith('_')}
 config = configure(globals())
-for key, ok, rule in [('optimizer', optimizer in ('adamw', 'sgd'), 'adamw or sgd'),
-                      ('max_epochs', max_epochs >= 0, '>= 0 (0 = use max_iters)'), ('momentum', 0 <= momentum < 1, 'in [0, 1)'),
-                      ('batch_size', batch_size >= 1, '>= 1'), ('block_size', block_size >= 1, '>= 1'),
-                      ('max_iters', max_iters >= 0, '>= 0'), ('eval_interval', eval_interval >= 1, '>= 1'),
-                      ('log_interval', log_interval >= 1, '>= 1'), ('eval_iters', eval_iters >= 1, '>= 1'),
-                      ('gradient_accumulation_steps', gradient_accumulation_steps >= 1, '>= 1'),
-                      ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'),
-                      ('warmup_iters', warmup_iters >= 0, '>= 0'), ('dropout', 0 <= dropout < 1, 'in [0, 1)'),
-                      ('weight_decay', weight_decay >= 0, '>= 0'), ('grad_clip', grad_clip >= 0, '>= 0 (0 = off)'),
-                      ('early_stop_patience', early_stop_patience >= 0, '>= 0 (0 = off)')]:
-    if not ok:
-        die(f"{key}={globals()[key]!r} is out of range: it must be {rule}")
+check_ranges(globals(), [
+    ('optimizer', optimizer in ('adamw', 'sgd'), 'adamw or sgd'),
+    ('max_epochs', max_epochs >= 0, '>= 0 (0 = use max_iters)'), ('momentum', 0 <= momentum < 1, 'in [0, 1)'),
+    ('batch_size', batch_size >= 1, '>= 1'), ('block_size', block_size >= 1, '>= 1'),
+    ('max_iters', max_iters >= 0, '>= 0'), ('eval_interval', eval_interval >= 1, '>= 1'),
+    ('log_interval', log_interval >= 1, '>= 1'), ('eval_iters', eval_iters >= 1, '>= 1'),
+    ('gradient_accumulation_steps', gradient_accumulation_steps >= 1, '>= 1'),
+    ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'),
+    ('warmup_iters', warmup_iters >= 0, '>= 0'), ('dropout', 0 <= dropout < 1, 'in [0, 1)'),
+    ('weight_decay', weight_decay >= 0, '>= 0'), ('grad_clip', grad_clip >= 0, '>= 0 (0 = off)'),
+    ('early_stop_patience', early_stop_patience >= 0, '>= 0 (0 = off)')
+])
 
 
 # distributed setup -------------------------------------------------------------
