@@ -54,6 +54,8 @@ class GPTConfig:
     logit_softcap: float = 0.0    # 0 = off; cap*tanh(logits/cap) in fp32 (Gemma 2, nanochat uses 15)
     zero_init: bool = False       # zero c_proj of attn/MLP and the untied lm_head (nanochat, modded-nanogpt)
     init_std: float = 0.02        # N(0, init_std) for Linear/Embedding (GPT-2)
+    init_scheme: str = 'gpt2'     # gpt2 (N(0, init_std), residual projections / sqrt(2 n_layer)) | kaiming (He)
+    norm_position: str = 'pre'    # pre: x + f(LN(x)) (GPT-2) | post: LN(x + f(x)) (Vaswani et al. 2017)
     grad_checkpoint: bool = False # recompute each block in backward (activation checkpointing)
     lora_rank: int = 0            # 0 = off; r > 0 = LoRA adapters of rank r on lora_targets (Hu et al. 2021)
     lora_alpha: float = 16.0      # adapter output scaled by lora_alpha / lora_rank (alpha = 2r at the common r = 8)
@@ -67,7 +69,8 @@ class GPTConfig:
                 raise ValueError(msg)
         for name, choices in [('pos_emb', 'learned sinusoidal rope alibi none'), ('attn_impl', 'sdpa manual'),
                               ('attn_type', 'mha mla'), ('rope_scaling', 'none linear ntk dynamic yarn'),
-                              ('norm', 'layernorm rmsnorm rmsnorm_noparam'), ('mlp', 'gelu gelu_tanh relu2 swiglu')]:
+                              ('norm', 'layernorm rmsnorm rmsnorm_noparam'), ('mlp', 'gelu gelu_tanh relu2 swiglu'),
+                              ('init_scheme', 'gpt2 kaiming'), ('norm_position', 'pre post')]:
             check(getattr(self, name) in choices.split(), f"{name}={getattr(self, name)!r}: choose one of {choices.split()}")
         check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_kv_head is None:
@@ -402,9 +405,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = Norm(config.n_embd, config.norm, config.bias)
         self.mlp = MoE(config) if config.n_experts else MLP(config)
+        self.post_norm = config.norm_position == 'post'
 
-    def forward(self, x, a, kv_cache=None):  # pre-norm (Xiong et al. 2020)
-        x = x + self.attn(self.ln_1(x), a, kv_cache)
+    def forward(self, x, a, kv_cache=None):
+        if self.post_norm:  # the original Transformer: normalise the sum (Xiong et al. 2020 show it needs warmup)
+            x = self.ln_1(x + self.attn(x, a, kv_cache))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), a, kv_cache)  # pre-norm: the residual stream is never normalised
         return x + self.mlp(self.ln_2(x))
 
 
@@ -461,10 +468,10 @@ class GPT(nn.Module):
         self.rope_freqs = {}  # (length for dynamic NTK else 0, device) -> (inv_freq, mscale)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith('c_proj.weight'):  # GPT-2: residual projections scaled by 1/sqrt(2*n_layer)
+            if name.endswith('c_proj.weight') and c.init_scheme == 'gpt2':  # residual projections / sqrt(2*n_layer)
                 nn.init.normal_(p, 0.0, c.init_std / math.sqrt(2 * c.n_layer))
-                if c.zero_init:  # every residual branch starts as the identity (nanochat, modded-nanogpt)
-                    nn.init.zeros_(p)
+            if name.endswith('c_proj.weight') and c.zero_init:  # every residual branch starts as the identity
+                nn.init.zeros_(p)                                # (nanochat, modded-nanogpt)
         if c.zero_init and not c.tie_weights:  # a tied head is the embedding table: zeroing it would zero every input
             nn.init.zeros_(self.lm_head.weight)  # initial loss = ln(vocab_size) exactly
         for m in self.modules():  # adapters last (B = 0, A random): the base draws what a lora_rank=0 model draws
@@ -475,7 +482,10 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, 0.0, self.config.init_std)
+            if self.config.init_scheme == 'kaiming':  # He et al. 2015: N(0, 2 / fan_in), fan_in = weight.size(1)
+                nn.init.kaiming_normal_(module.weight, mode='fan_in', nonlinearity='relu')
+            else:
+                nn.init.normal_(module.weight, 0.0, self.config.init_std)
             if getattr(module, 'bias', None) is not None:
                 nn.init.zeros_(module.bias)
 

@@ -55,6 +55,7 @@ momentum = 0.9            # sgd only
 learning_rate = 6e-4
 max_iters = 5000
 max_epochs = 0.0          # > 0: train this many passes over the train tokens instead (sets max_iters)
+max_tokens = 0            # > 0: train on this many tokens instead (sets max_iters; scaling curves use it)
 evals_per_epoch = 0       # > 0 with max_epochs: evaluate this many times per epoch (sets eval_interval)
 weight_decay = 0.1
 decay_embeddings = False  # embeddings are lookups: decaying them mostly shrinks rare tokens
@@ -64,6 +65,7 @@ grad_clip = 1.0           # 0 = off
 # schedule: linear warmup, then cosine down to min_lr at lr_decay_iters
 decay_lr = True
 warmup_iters = 100
+warmup_frac = 0.0         # > 0: warmup_iters = this fraction of max_iters (for budgets given in epochs or tokens)
 lr_decay_iters = 0        # 0 = max_iters
 min_lr = 6e-5
 # system
@@ -80,12 +82,13 @@ config = configure(globals())
 check_ranges(globals(), [
     ('optimizer', optimizer in ('adamw', 'sgd'), 'adamw or sgd'),
     ('max_epochs', max_epochs >= 0, '>= 0 (0 = use max_iters)'), ('momentum', 0 <= momentum < 1, 'in [0, 1)'),
+    ('max_tokens', max_tokens >= 0 and not (max_tokens and max_epochs), '>= 0, and not with max_epochs'),
     ('batch_size', batch_size >= 1, '>= 1'), ('block_size', block_size >= 1, '>= 1'),
     ('max_iters', max_iters >= 0, '>= 0'), ('eval_interval', eval_interval >= 1, '>= 1'),
     ('log_interval', log_interval >= 1, '>= 1'), ('eval_iters', eval_iters >= 1, '>= 1'),
     ('gradient_accumulation_steps', gradient_accumulation_steps >= 1, '>= 1'),
     ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'),
-    ('warmup_iters', warmup_iters >= 0, '>= 0'), ('dropout', 0 <= dropout < 1, 'in [0, 1)'),
+    ('warmup_iters', warmup_iters >= 0, '>= 0'), ('warmup_frac', 0 <= warmup_frac < 1, 'in [0, 1)'), ('dropout', 0 <= dropout < 1, 'in [0, 1)'),
     ('weight_decay', weight_decay >= 0, '>= 0'), ('grad_clip', grad_clip >= 0, '>= 0 (0 = off)'),
     ('early_stop_patience', early_stop_patience >= 0, '>= 0 (0 = off)')
 ])
@@ -235,7 +238,11 @@ if max_epochs > 0:  # an epoch = the train tokens once, in global steps of token
         eval_interval = config['eval_interval'] = max(1, iters_per_epoch // evals_per_epoch)
     if master:
         print(f"{max_epochs:g} epoch(s) of {iters_per_epoch} iterations: max_iters={max_iters}, eval_interval={eval_interval}")
+if max_tokens > 0:
+    max_iters = config['max_iters'] = math.ceil(max_tokens / (gradient_accumulation_steps * batch_size * seq_len))
 lr_decay_iters = lr_decay_iters or max_iters
+if warmup_frac > 0:
+    warmup_iters = config['warmup_iters'] = round(warmup_frac * max_iters)
 if int(splits['val'][0][:100_000].max()) >= vocab_size:
     die(f"token ids in {data_dir} exceed vocab_size={vocab_size}; re-run prepare.py")
 

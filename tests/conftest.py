@@ -44,6 +44,14 @@ def train_script(argv):
         os.chdir(cwd)
 
 
+def assert_real_png(path):
+    """A plot was drawn: the file decodes as an image, and it is not one flat colour."""
+    import matplotlib.image  # a requirement: every plot the project promises is drawn in the tests
+    img = matplotlib.image.imread(str(path))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, path
+    assert img[..., :3].std() > 0.01 and len(np.unique(img[..., :3].reshape(-1, 3), axis=0)) > 10, path
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """No test touches the network: prepare.py's HTTP calls fail like an offline machine, backoff sleeps are

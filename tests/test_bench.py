@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_dataset
+from conftest import ROOT, assert_real_png, make_dataset
 import bench
 from model import GPT, GPTConfig
 
@@ -52,14 +52,6 @@ def test_results_json_meta_and_markdown(quick):
     assert '| Config | PPL | Tokens/s | Peak mem | ms/batch |' in md
     for png in ['decoding.png', 'kvcache_memory.png', 'expert_load.png', 'latency_vs_ppl.png', 'attention.png']:
         assert_real_png(out / png)
-
-
-def assert_real_png(path):
-    """A plot was drawn: the file decodes as an image, and it is not one flat colour."""
-    import matplotlib.image  # a requirement: every plot the project promises is drawn in the tests
-    img = matplotlib.image.imread(str(path))
-    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, path
-    assert img[..., :3].std() > 0.01 and len(np.unique(img[..., :3].reshape(-1, 3), axis=0)) > 10, path
 
 
 def test_attention_mhsa_ffn_train(quick):

@@ -807,3 +807,43 @@ def test_mla_sdpa_avoids_the_math_fallback():
     kernels = [e.key for e in p.key_averages() if 'scaled_dot_product' in e.key]
     assert kernels and not any('math' in k for k in kernels), kernels
     torch.testing.assert_close(out, ref(x)[0], atol=1e-5, rtol=1e-5)
+
+
+# ---- norm position and init scheme -------------------------------------------------------------
+
+def test_post_norm_block_normalises_the_residual_sum():
+    pre = build()
+    post = twin(pre, norm_position='post')  # same weights: the norms move, no parameter changes
+    blk, x = post.transformer.h[0], torch.randn(2, 8, 32)
+    a = post.attn_inputs(8, 8, torch.arange(8), torch.arange(8), None, None, False, x.device)
+    with torch.no_grad():
+        h = blk.ln_1(x + blk.attn(x, a))  # Vaswani et al. 2017: LN(x + Sublayer(x))
+        want = blk.ln_2(h + blk.mlp(h))
+        torch.testing.assert_close(blk(x, a), want)
+        y = blk(x, a)  # every position of the output is normalised (LayerNorm without affine drift at init)
+        torch.testing.assert_close(y.mean(-1), torch.zeros(2, 8), atol=1e-5, rtol=0)
+        assert not torch.allclose(pre.transformer.h[0](x, a), y)
+        full = post(tokens())[0]  # and the KV-cache path still equals the full forward
+        cache = post.make_kv_cache(2, 16)
+        outs = [post(tokens()[:, :5], kv_cache=cache)[0]] + [post(tokens()[:, t:t + 1], kv_cache=cache)[0]
+                                                            for t in range(5, 16)]
+        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kaiming_init_is_he_normal_and_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    he = GPT(tiny(init_scheme='kaiming', n_embd=256, n_head=4, tie_weights=False))
+    torch.manual_seed(0)
+    g2 = GPT(tiny(n_embd=256, n_head=4, tie_weights=False))
+    for name, p in he.named_parameters():
+        if p.dim() == 2:  # He et al. 2015: std = sqrt(2 / fan_in), fan_in = weight.size(1), no residual scaling
+            assert p.std().item() == pytest.approx(math.sqrt(2 / p.size(1)), rel=0.05), name
+    proj = dict(g2.named_parameters())['transformer.h.0.attn.c_proj.weight']
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * 2), rel=0.05)
+    assert dict(g2.named_parameters())['transformer.h.0.mlp.c_fc.weight'].std().item() == pytest.approx(0.02, rel=0.05)
+    z = GPT(tiny(init_scheme='kaiming', zero_init=True))  # zero_init still zeroes the residual projections
+    assert (dict(z.named_parameters())['transformer.h.1.mlp.c_proj.weight'] == 0).all()
+    with pytest.raises(ValueError, match='init_scheme'):
+        tiny(init_scheme='xavier')
+    with pytest.raises(ValueError, match='norm_position'):
+        tiny(norm_position='sandwich')

@@ -491,3 +491,15 @@ def test_sgd_with_momentum_and_max_epochs(tiny_data, tmp_path):
                '--max_epochs=1', '--evals_per_epoch=2'])
     evals = [x for x in read_log(out) if 'val_loss' in x]
     assert [e['iter'] for e in evals] == [0, 31, 62] and evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.3
+
+
+def test_max_tokens_and_warmup_frac_set_the_budget(tmp_path):
+    """max_tokens: iterations = ceil(tokens / tokens per step) (4 x 16 here); warmup_frac: that share of them."""
+    g = load_script(tmp_path, '--max_tokens=1000', '--warmup_frac=0.1', '--gradient_accumulation_steps=2')
+    assert g['max_iters'] == 8 and g['config']['max_iters'] == 8 and g['lr_decay_iters'] == 8  # ceil(1000 / 128)
+    assert g['warmup_iters'] == 1 and g['config']['warmup_iters'] == 1
+    g = load_script(tmp_path, '--max_tokens=64000', '--warmup_frac=0.25')
+    assert g['max_iters'] == 1000 and g['warmup_iters'] == 250 and g['get_lr'](249) < g['get_lr'](250)
+    r = run_train([f'--data_dir={make_dataset(str(tmp_path / "d2"))}', '--max_tokens=10', '--max_epochs=1'],
+                  check=False)
+    assert r.returncode == 2 and 'max_tokens' in r.stderr
