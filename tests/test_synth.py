@@ -7,15 +7,8 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prepare  # noqa: E402
+from conftest import FakeResponse  # noqa: E402
 
-
-
-class FakeResponse:
-    def __init__(self, status=200, headers=None, json_data=None):
-        self.status_code, self.headers, self.json_data = status, headers or {}, json_data
-
-    def json(self):
-        return self.json_data
 
 
 SPECIALS = {s: 400 + i for i, s in enumerate(prepare.SPECIAL_TOKENS)}
@@ -196,7 +189,7 @@ class FakeRowsAPI:
         self.n, self.calls, self.throttle_at, self.fail_at = n, [], set(throttle_at), fail_at
 
     def __call__(self, url, params=None, **kw):
-        assert url == prepare.SYNTH_ROWS_URL and params["length"] == 100 and kw["timeout"] > 0
+        assert url == prepare.ROWS_URL and params["length"] == 100 and kw["timeout"] > 0
         off = params["offset"]
         self.calls.append(off)
         if off == self.fail_at:
@@ -244,7 +237,7 @@ def test_synth_hf_end_to_end_split_by_id(monkeypatch, tmp_path):
     args = ["synth", "--source=hf", "--n_samples=400", "--vocab_size=300", "--val_frac=0.2", f"--out={out}"]
     assert prepare.main(args) == 0
     meta = json.load(open(out / "meta.json"))
-    assert meta["source"].startswith(prepare.SYNTH_ROWS_URL) and meta["dropped"]["truncated_cells"] > 0
+    assert meta["source"].startswith(prepare.ROWS_URL) and meta["dropped"]["truncated_cells"] > 0
     assert not (out / "val_exercises.jsonl").exists()
     tok = prepare.load_tokenizer(out)
     val = tok.decode(np.fromfile(out / "val.bin", dtype=np.uint16))
