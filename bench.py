@@ -711,16 +711,20 @@ def save_fig(plt, fig, path):
 
 def make_plots(results, out_dir):
     """Decoding speed bars, memory vs context, expert load, latency vs PPL, attention by distance + head maps."""
-    plt, S = pyplot(), results['scenarios']
+    plt, S, drawn = pyplot(), results['scenarios'], []
     if plt is None:
-        return
+        return drawn
+
+    def save(fig, name):
+        save_fig(plt, fig, os.path.join(out_dir, name))
+        drawn.append(name)
     if 'decoding' in S:
         fig, ax = plt.subplots(figsize=(7, 4))
         rows = S['decoding']['rows']
         ax.bar([f"{r['strategy']}\n{r['kv_cache']}" for r in rows], [r['tok_s'] for r in rows],
                color=['C0', 'C1', 'C2'] * 3)
         ax.set(ylabel='tokens/s', title='decoding speed, batch 1')
-        save_fig(plt, fig, os.path.join(out_dir, 'decoding.png'))
+        save(fig, 'decoding.png')
     if 'kvcache' in S:
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, kind in enumerate(dict.fromkeys(r['kind'] for r in S['kvcache']['rows'])):
@@ -730,21 +734,21 @@ def make_plots(results, out_dir):
             ax.plot(ctx, [r['device_cache_mb'] for r in rows], 'x--', color=f'C{i}', label=f'{kind}: cache on device')
         ax.set(xlabel='context length', ylabel='MiB', xscale='log', title='KV-cache memory vs context')
         ax.legend(fontsize=7)
-        save_fig(plt, fig, os.path.join(out_dir, 'kvcache_memory.png'))
+        save(fig, 'kvcache_memory.png')
     moe = [r for r in S.get('ffn', {}).get('rows', []) if 'expert_load_pct' in r]
     if moe:
         fig, axes = plt.subplots(1, len(moe), figsize=(5 * len(moe), 3.5), squeeze=False)
         for ax, r in zip(axes[0], moe):
             ax.bar(range(len(r['expert_load_pct'])), r['expert_load_pct'])
             ax.set(xlabel='expert', ylabel='% of routed assignments', title=r['variant'])
-        save_fig(plt, fig, os.path.join(out_dir, 'expert_load.png'))
+        save(fig, 'expert_load.png')
     if 'long_context' in S:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in S['long_context']['course_table']:
             ax.scatter(1000 / r['Tokens/s'], r['PPL'])
             ax.annotate(r['Config'], (1000 / r['Tokens/s'], r['PPL']), fontsize=7)
         ax.set(xlabel='ms per decoded token', ylabel='PPL', title='latency vs perplexity')
-        save_fig(plt, fig, os.path.join(out_dir, 'latency_vs_ppl.png'))
+        save(fig, 'latency_vs_ppl.png')
         maps = np.load(os.path.join(out_dir, 'attn_maps.npy'))  # (layers, heads, W, W)
         L, H = maps.shape[:2]
         fig, axes = plt.subplots(L, H + 1, figsize=(2.4 * H + 3, 2.4 * L), squeeze=False)
@@ -756,7 +760,8 @@ def make_plots(results, out_dir):
             for h in range(H):
                 axes[layer][h + 1].imshow(maps[layer, h])
                 axes[layer][h + 1].set(title=f'layer {layer} head {h}', xticks=[], yticks=[])
-        save_fig(plt, fig, os.path.join(out_dir, 'attention.png'))
+        save(fig, 'attention.png')
+    return drawn
 
 
 def load_runs(dirs):
@@ -848,12 +853,12 @@ def main(argv=None):
         print(scenario_md(name, res) + '\n', flush=True)
     meta['wall_s'] = time.time() - t0
     save_json(results, os.path.join(out, 'results.json'))
+    drawn = make_plots(results, out)
     with open(os.path.join(out, 'results.md.tmp'), 'w') as f:
-        f.write(to_markdown(results))
+        f.write(to_markdown(results) + ''.join(f'\n![{p[:-4]}]({p})\n' for p in drawn or ()))
     os.replace(os.path.join(out, 'results.md.tmp'), os.path.join(out, 'results.md'))
     if 'long_context' in results['scenarios']:
         print(course_table(results['scenarios']['long_context']['course_table']))
-    make_plots(results, out)
     print(f"wrote {out}/results.json and {out}/results.md in {meta['wall_s']:.0f} s")
 
 

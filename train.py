@@ -51,7 +51,10 @@ dropout_schedule = ()     # (initial, final, at_progress): switch every dropout 
 label_smoothing = 0.0
 # optimizer: AdamW (or SGD) with decay on matrices only
 optimizer = 'adamw'       # adamw | sgd (momentum, nesterov off; its weight decay is L2, coupled to the gradient)
+                          # | muon (block matrices; AdamW for embeddings, head, norms, biases)
 momentum = 0.9            # sgd only
+muon_lr = 0.02            # muon: peak lr of the block matrices (the schedule scales it like learning_rate)
+muon_momentum = 0.95      # muon: Nesterov momentum
 learning_rate = 6e-4
 max_iters = 5000
 max_epochs = 0.0          # > 0: train this many passes over the train tokens instead (sets max_iters)
@@ -80,7 +83,8 @@ globals().update({f.name: f.default for f in fields(GPTConfig) if f.name not in 
 defaults = {k: v for k, v in globals().items() if not k.startswith('_')}
 config = configure(globals())
 check_ranges(globals(), [
-    ('optimizer', optimizer in ('adamw', 'sgd'), 'adamw or sgd'),
+    ('optimizer', optimizer in ('adamw', 'sgd', 'muon'), 'adamw, sgd or muon'),
+    ('muon_lr', muon_lr > 0, '> 0'), ('muon_momentum', 0 <= muon_momentum < 1, 'in [0, 1)'),
     ('max_epochs', max_epochs >= 0, '>= 0 (0 = use max_iters)'), ('momentum', 0 <= momentum < 1, 'in [0, 1)'),
     ('max_tokens', max_tokens >= 0 and not (max_tokens and max_epochs), '>= 0, and not with max_epochs'),
     ('batch_size', batch_size >= 1, '>= 1'), ('block_size', block_size >= 1, '>= 1'),
@@ -320,6 +324,51 @@ if master:
     print(f"parameters: {model.num_params():,} (non-embedding), active per token: "
           f"{model.num_active_params():,}")
 
+
+
+def newton_schulz(g, steps=5, dtype=torch.bfloat16):
+    """The nearest semi-orthogonal matrix to g, approximately (U S' V^T with S' in about [0.5, 1.5]): the quintic
+    Newton-Schulz iteration of Muon with its coefficients (Jordan et al. 2024; REFERENCE §8.2)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    x = x.mT if tall else x
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        m = x @ x.mT
+        x = a * x + (b * m + c * m @ m) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the groups marked muon=True (2-D block matrices): Nesterov momentum, orthogonalised by
+    newton_schulz, scaled by max(1, rows/cols)^0.5, decoupled weight decay; AdamW (as torch's) for the others."""
+
+    def __init__(self, groups, lr, betas, eps, ns_dtype=torch.bfloat16):
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, muon=False, momentum=0.95, ns_dtype=ns_dtype))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd = group['lr'], group['weight_decay']
+            for p in (p for p in group['params'] if p.grad is not None):
+                g, state = p.grad, self.state[p]
+                p.mul_(1 - lr * wd)
+                if group['muon']:
+                    buf = state.setdefault('momentum_buffer', torch.zeros_like(g))
+                    buf.lerp_(g, 1 - group['momentum'])
+                    update = newton_schulz(g.lerp(buf, group['momentum']), dtype=group['ns_dtype'])
+                    p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
+                    continue
+                if not state:
+                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                (b1, b2), t = group['betas'], state['step'].add_(1).item()
+                state['exp_avg'].lerp_(g, 1 - b1)
+                state['exp_avg_sq'].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (state['exp_avg_sq'] / (1 - b2 ** t)).sqrt_().add_(group['eps'])
+                p.addcdiv_(state['exp_avg'], denom, value=-lr / (1 - b1 ** t))
+
+
 # optimizer: decay matrices (weights of Linear layers), not biases/norm gains/embeddings
 param_dict = {n: p for n, p in model.named_parameters() if p.requires_grad}
 is_embedding = lambda n: n.startswith(('transformer.wte.', 'transformer.wpe.'))
@@ -331,6 +380,16 @@ groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 
 fused = device_type == 'cuda'  # the fused kernel is CUDA-only; foreach is the CPU default
 if optimizer == 'sgd':  # the key's string becomes the optimizer object here
     optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, nesterov=False, fused=fused or None)
+elif optimizer == 'muon':
+    if fsdp:
+        die("optimizer=muon orthogonalises whole matrices, and fsdp=True shards them: use DDP (no --fsdp) or adamw")
+    in_blocks = {id(p) for n, p in param_dict.items() if n.startswith('transformer.h.') and p.dim() == 2}
+    groups = [dict(params=[p for p in decay if id(p) in in_blocks], muon=True, lr_scale=muon_lr / learning_rate,
+                   momentum=muon_momentum, weight_decay=weight_decay * learning_rate / muon_lr),  # lr*wd as AdamW's
+              dict(params=[p for p in decay if id(p) not in in_blocks], weight_decay=weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
+    optimizer = MuonAdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps,
+                          ns_dtype=torch.float32 if dtype == 'float32' else torch.bfloat16)
 else:
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
 if checkpoint is not None:
@@ -508,7 +567,7 @@ saved_at = resumed_at  # iteration of the checkpoint in ckpt_path
 while True:
     lr = get_lr(iter_num)
     for g in optimizer.param_groups:
-        g['lr'] = lr
+        g['lr'] = lr * g.get('lr_scale', 1.0)
     if (p := get_dropout(iter_num)) != current_dropout:
         current_dropout = p
         raw_model.set_dropout(p)

@@ -52,6 +52,7 @@ def test_results_json_meta_and_markdown(quick):
     assert '| Config | PPL | Tokens/s | Peak mem | ms/batch |' in md
     for png in ['decoding.png', 'kvcache_memory.png', 'expert_load.png', 'latency_vs_ppl.png', 'attention.png']:
         assert_real_png(out / png)
+        assert f'({png})' in md  # the report links every plot it drew
 
 
 def test_attention_mhsa_ffn_train(quick):

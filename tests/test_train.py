@@ -132,8 +132,10 @@ def test_loss_mask_counts_are_reported(tmp_path):
 
 
 @needs_torchrun
-def test_ddp_two_processes_match_one_process(tiny_data, tmp_path):
-    common = [f'--data_dir={tiny_data}', '--eval_interval=100', '--max_iters=4', '--gradient_accumulation_steps=2']
+@pytest.mark.parametrize('opt', ['adamw', 'muon'])
+def test_ddp_two_processes_match_one_process(tiny_data, tmp_path, opt):
+    common = [f'--data_dir={tiny_data}', '--eval_interval=100', '--max_iters=4', '--gradient_accumulation_steps=2',
+              f'--optimizer={opt}']
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
     run_train(common + [f'--out_dir={one}'])
     run_torchrun(common + [f'--out_dir={two}'])
@@ -503,3 +505,71 @@ def test_max_tokens_and_warmup_frac_set_the_budget(tmp_path):
     r = run_train([f'--data_dir={make_dataset(str(tmp_path / "d2"))}', '--max_tokens=10', '--max_epochs=1'],
                   check=False)
     assert r.returncode == 2 and 'max_tokens' in r.stderr
+
+
+# ---- Muon ------------------------------------------------------------------------------------------------
+
+def test_newton_schulz_orthogonalises(tmp_path):
+    ns = load_script(tmp_path)['newton_schulz']
+    g = torch.Generator().manual_seed(0)
+    for shape in ((64, 256), (256, 64)):
+        for dtype in (torch.float32, torch.bfloat16):
+            m = torch.randn(*shape, generator=g) * 3
+            s = torch.linalg.svdvals(ns(m, dtype=dtype).float())
+            assert s.shape == (64,) and 0.5 < s.min() and s.max() < 1.5, (shape, dtype, s.min(), s.max())
+    m = torch.randn(64, 256, generator=g)
+    u, sv, vh = torch.linalg.svd(m, full_matrices=False)  # the same singular vectors: only the spectrum changes
+    o = ns(m, dtype=torch.float32)
+    assert (u.mT @ o @ vh.mT - torch.diag(torch.diagonal(u.mT @ o @ vh.mT))).abs().max() < 1e-3
+
+
+def test_muon_groups_and_its_adamw_half_equals_torch(tmp_path):
+    g = load_script(tmp_path, '--optimizer=muon', '--bias=True', '--weight_decay=0.1', '--muon_lr=0.02')
+    opt, names = g['optimizer'], {id(p): n for n, p in g['raw_model'].named_parameters()}
+    muon, adam_decay, adam_rest = opt.param_groups
+    ids = [id(p) for grp in opt.param_groups for p in grp['params']]
+    assert sorted(ids) == sorted(names) and len(set(ids)) == len(ids)  # every parameter in exactly one group
+    assert muon['muon'] and all(p.dim() == 2 and names[id(p)].startswith('transformer.h.') for p in muon['params'])
+    assert {'transformer.h.0.attn.c_attn.weight', 'transformer.h.1.mlp.c_proj.weight'} <= {names[id(p)] for p in muon['params']}
+    assert 'transformer.wte.weight' in {names[id(p)] for p in adam_rest['params']} and not adam_decay['muon']
+    assert all(p.dim() < 2 for p in adam_rest['params'] if 'wte' not in names[id(p)] and 'wpe' not in names[id(p)])
+    assert muon['lr_scale'] * g['learning_rate'] == pytest.approx(0.02)
+    assert muon['weight_decay'] * 0.02 == pytest.approx(0.1 * g['learning_rate'])  # lr*wd per step, as AdamW's
+    # the AdamW half is torch's AdamW; the Muon half is one hand-computed step
+    torch.manual_seed(0)
+    a, b, w = torch.randn(5, 3), torch.randn(7), torch.randn(8, 4)
+    mine = g['MuonAdamW']([dict(params=[a.clone().requires_grad_()], weight_decay=0.1),
+                          dict(params=[b.clone().requires_grad_()], weight_decay=0.0),
+                          dict(params=[w.clone().requires_grad_()], weight_decay=0.05, muon=True, momentum=0.9)],
+                         lr=1e-2, betas=(0.9, 0.95), eps=1e-8, ns_dtype=torch.float32)
+    ref = torch.optim.AdamW([dict(params=[a.clone().requires_grad_()], weight_decay=0.1),
+                             dict(params=[b.clone().requires_grad_()], weight_decay=0.0)], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    grads = [[torch.randn(5, 3), torch.randn(7), torch.randn(8, 4)] for _ in range(4)]
+    for step in grads:
+        for grp, gr in zip(mine.param_groups, step):
+            grp['params'][0].grad = gr.clone()
+        for grp, gr in zip(ref.param_groups, step):
+            grp['params'][0].grad = gr.clone()
+        mine.step()
+        ref.step()
+    for i in range(2):
+        torch.testing.assert_close(mine.param_groups[i]['params'][0], ref.param_groups[i]['params'][0], rtol=1e-5, atol=1e-6)
+    buf, p = torch.zeros(8, 4), w.clone()
+    for step in grads:  # Nesterov momentum, orthogonalised, x sqrt(rows/cols), decoupled decay
+        buf = buf.lerp(step[2], 0.1)
+        p = p * (1 - 1e-2 * 0.05) - 1e-2 * 2 ** 0.5 * g['newton_schulz'](step[2].lerp(buf, 0.9), dtype=torch.float32)
+    torch.testing.assert_close(mine.param_groups[2]['params'][0], p, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_trains_and_resumes_exactly(tiny_data, tmp_path):
+    common = [f'--data_dir={tiny_data}', '--eval_interval=5', '--lr_decay_iters=12', '--optimizer=muon']
+    a, c = str(tmp_path / 'a'), str(tmp_path / 'c')
+    run_train(common + [f'--out_dir={a}', '--max_iters=12'])
+    run_train(common + [f'--out_dir={c}', '--max_iters=5'])
+    run_train(common + [f'--out_dir={c}', '--max_iters=12', '--init_from=resume'])
+    la, lc = train_losses(a), train_losses(c)
+    assert [lc[i] for i in range(6, 13)] == [la[i] for i in range(6, 13)]  # momentum buffers come back exactly
+    evals = [x['val_loss'] for x in read_log(a) if 'val_loss' in x]
+    assert evals[-1] < evals[0] - 0.3
+    r = run_train(common + [f'--out_dir={c}', '--max_iters=14', '--init_from=resume', '--optimizer=adamw'], check=False)
+    assert r.returncode == 2 and 'optimizer=muon' in r.stderr
