@@ -208,3 +208,30 @@ def test_gpt2_tokenizer_is_tiktokens_gpt2_encoding():
     r50k = inspect.getsource(openai_public.r50k_base)
     assert prepare.GPT2_URL in r50k and prepare.GPT2_SHA256 in r50k and '50257' in r50k
     assert model_module.gpt2_config('gpt2')['vocab_size'] == 50257
+
+
+@pytest.mark.parametrize('damage', ['wrong_shape', 'missing', 'extra'])
+def test_init_from_gpt2_file_with_bad_tensors_is_one_line(tmp_path, monkeypatch, capsys, damage):
+    from safetensors.torch import save_file
+    monkeypatch.setitem(model_module.GPT2_SIZES, 'gpt2', (2, 2, 32))
+    hf = hf_gpt2_tensors(2, 32, vocab=50257, block=64)
+    if damage == 'wrong_shape':
+        hf['h.1.mlp.c_fc.weight'] = torch.zeros(32, 64)
+    elif damage == 'missing':
+        del hf['h.1.attn.c_proj.bias']
+    else:
+        hf['h.0.attn.rotary.weight'] = torch.zeros(2, 2)
+    path = str(tmp_path / 'model.safetensors')
+    save_file(hf, path)
+    data = make_dataset(str(tmp_path / 'd'), vocab_size=50257)
+    with pytest.raises(SystemExit) as e:
+        run_in_process(f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--init_from=gpt2', f'--init_file={path}')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'cannot load the weights of' in err, err
+    assert not (tmp_path / 'o').exists()
+
+
+def test_adapters_on_scratch_weights_warn(tiny_data, tmp_path):
+    for flag in ('--lora_rank=4', '--n_soft_prompt=2'):
+        r = run_train([f'--data_dir={tiny_data}', f'--out_dir={tmp_path / flag[2:6]}', flag, '--max_iters=1'])
+        assert 'warning:' in r.stdout and 'frozen random weights' in r.stdout

@@ -463,6 +463,9 @@ def test_two_accumulated_micro_batches_equal_one_batch(tiny_data, tmp_path):
     assert sorted(la) == [1, 2, 3]
     for k in la:
         assert lb[k] == pytest.approx(la[k], rel=1e-5)
+    ga, gb = ({r['iter']: r['grad_norm'] for r in read_log(tmp_path / d) if 'grad_norm' in r} for d in 'ab')
+    for k in ga:  # the gradients themselves, not only what AdamW (nearly scale-free) makes of them
+        assert gb[k] == pytest.approx(ga[k], rel=1e-4)
     wa = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['model']
     wb = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['model']
     for n in wa:
