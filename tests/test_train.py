@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -576,3 +577,28 @@ def test_muon_trains_and_resumes_exactly(tiny_data, tmp_path):
     assert evals[-1] < evals[0] - 0.3
     r = run_train(common + [f'--out_dir={c}', '--max_iters=14', '--init_from=resume', '--optimizer=adamw'], check=False)
     assert r.returncode == 2 and 'optimizer=muon' in r.stderr
+
+
+def test_kill_9_while_checkpointing_every_step_leaves_a_loadable_checkpoint(tiny_data, tmp_path):
+    """Checkpoints are written to a temp file and renamed: killed at any moment, ckpt.pt is the old one or the new
+    one, never half of one, and the run resumes from it."""
+    out = tmp_path / 'k'
+    args = [sys.executable, 'train.py', *TINY, f'--data_dir={tiny_data}', f'--out_dir={out}', '--eval_interval=1',
+            '--eval_iters=1', '--max_iters=100000', '--always_save_checkpoint=True']
+    seen = []
+    for k, delay in enumerate((0.05, 0.2, 0.45)):
+        p = subprocess.Popen(args + (['--init_from=resume'] if k else []), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        try:
+            t0 = time.time()
+            while time.time() - t0 < 60:  # until this process has written a checkpoint of its own
+                if os.path.isfile(out / 'ckpt.pt') and torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] > max(seen, default=0):
+                    break
+                time.sleep(0.02)
+            time.sleep(delay)
+        finally:
+            p.kill()  # SIGKILL: no cleanup runs
+            p.wait()
+        ckpt = torch.load(out / 'ckpt.pt', weights_only=True)  # loads, whole
+        assert ckpt['iter_num'] > max(seen, default=0) and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+        seen.append(ckpt['iter_num'])
