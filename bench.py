@@ -332,8 +332,8 @@ TARGETS_TITLE = 'targets: cached >= 300 tok/s and >= 60x no cache, beam 4 <= 2.5
 
 def decode_target():
     """6L/6H/384 RoPE, vocab 8192, batch 1, 2047 new tokens from a 1-token prompt, random weights: tok/s per
-    cache and strategy, for fp32 weights and bf16 weights (with an fp32 KV cache on CPU, as sample.py's
-    kv_dtype=auto). Targets: cached >= 300 tok/s and >= 60x kv_cache='none'; beam 4 <= 2.5x greedy per token.
+    cache and strategy, for fp32 weights, bf16 weights (with an fp32 KV cache on CPU, as sample.py's
+    kv_dtype=auto) and int8 weights (greedy only). Targets: cached >= 300 tok/s and >= 60x kv_cache='none'; beam 4 <= 2.5x greedy per token.
     'none' is estimated, not run (~30 min here): its step at context L is one forward over L tokens, timed at
     9 values of L and summed over L = 1..n by linear interpolation."""
     n_new = 24 if quick else 2047
@@ -342,12 +342,14 @@ def decode_target():
     runs = [('contiguous', 'greedy'), ('paged', 'greedy'), ('paged+offload', 'greedy'), ('contiguous', 'sample'),
             ('contiguous', 'beam4'), ('paged', 'beam4')]
     rows, targets, floor = [], [], {}
-    for weights in ('float32', 'bfloat16'):
-        model = tiny_gpt(block_size=n_new + 1, pos_emb='rope', **kw).eval().to(getattr(torch, weights))
+    for weights in ('float32', 'bfloat16', 'int8'):  # int8: sample.py --quantize=int8 (fp32 activations)
+        model = tiny_gpt(block_size=n_new + 1, pos_emb='rope', **kw).eval()
+        model = model.quantize_int8() if weights == 'int8' else model.to(getattr(torch, weights))
         tok_s = {}
         with torch.no_grad():
             # the memory-bandwidth floor: a decode step reads every weight once; reading them (a sum) takes
-            read_ms = min(timeit(lambda: [p.sum() for p in model.parameters()], iters=1) for _ in range(5))
+            tensors = [*model.parameters(), *model.buffers()]  # int8: + the fp32 embedding table (one row is read)
+            read_ms = min(timeit(lambda: [t.sum() for t in tensors], iters=1) for _ in range(5))
             floor[f'{weights}_weights_read_ms'] = read_ms
             floor[f'{weights}_tok_s_ceiling'] = 1000 / read_ms  # with free attention and no overhead
             if weights == 'float32':  # bf16 prompts are matrix-matrix: ~100x slower on CPUs without bf16 units
@@ -359,7 +361,7 @@ def decode_target():
                 tok_s['none'] = 1000 * n_new / total_ms
                 rows.append(dict(weights=weights, kv_cache='none (estimated)', strategy='greedy', new_tokens=n_new,
                                  tok_s=tok_s['none'], ms_per_token=total_ms / n_new))
-            for cache, strategy in runs:  # kv_dtype None: the activations' dtype
+            for cache, strategy in runs if weights != 'int8' else runs[:2]:  # kv_dtype None: the activations' dtype
                 ms = decode_ms(model, [1], n_new, strategy, warmup=8, amp=False, top_k=50,
                                kv_cache=cache.split('+')[0], offload=cache.endswith('offload'), page_size=256,
                                kv_dtype=None if cuda() else torch.float32)
@@ -367,9 +369,10 @@ def decode_target():
                 rows.append(dict(weights=weights, kv_cache=cache, strategy=strategy, new_tokens=n_new,
                                  tok_s=tok_s[cache, strategy], ms_per_token=ms / n_new))
         greedy = tok_s['contiguous', 'greedy']
-        beam_cost = greedy / tok_s['contiguous', 'beam4']
-        targets.append(dict(weights=weights, cached_tok_s=greedy, target_300=greedy >= 300,
-                            beam4_cost_vs_greedy=beam_cost, target_beam_2_5x=beam_cost <= 2.5))
+        targets.append(dict(weights=weights, cached_tok_s=greedy, target_300=greedy >= 300))
+        if ('contiguous', 'beam4') in tok_s:
+            beam_cost = greedy / tok_s['contiguous', 'beam4']
+            targets[-1].update(beam4_cost_vs_greedy=beam_cost, target_beam_2_5x=beam_cost <= 2.5)
         if 'none' in tok_s:
             targets[-1].update(vs_none=greedy / tok_s['none'], target_60x=greedy / tok_s['none'] >= 60)
     weights_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20

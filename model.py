@@ -637,6 +637,15 @@ class GPT(nn.Module):
         self.config = replace(self.config, lora_rank=0)
         return self
 
+    def quantize_int8(self):
+        """Weight-only int8 for inference: every Linear but MoE routers becomes an Int8Linear (the tied head gets an
+        int8 copy; the embedding lookup keeps its rows). Batch-1 decoding reads each weight once per token."""
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and not isinstance(parent, MoE):
+                    setattr(parent, name, Int8Linear(child))
+        return self
+
     @contextlib.contextmanager
     def lora_disabled(self):
         """Inside, the model is its base (adapters skipped): DPO's frozen reference with LoRA (REFERENCE §16.4)."""
@@ -753,10 +762,31 @@ class GPT(nn.Module):
         if keep and self.attn_sinks < self.n_soft:
             raise ValueError(f"streaming would evict the soft prompt: set attn_sinks >= n_soft_prompt={self.n_soft}")
         max_len += self.n_soft
-        args = dict(device=device or self.lm_head.weight.device, dtype=dtype, keep=keep, sinks=self.attn_sinks)
+        args = dict(device=device or self.transformer.wte.weight.device, dtype=dtype, keep=keep, sinks=self.attn_sinks)
         if kind == 'paged':
             return PagedKVCache(c.n_layer, batch_size, max_len, page_size=page_size, offload=offload, **args)
         return ContiguousKVCache(c.n_layer, batch_size, max_len, **args)
+
+
+class Int8Linear(nn.Module):
+    """y = x (q * scale)^T + b with q int8 and one fp32 scale per output row (symmetric, absmax / 127): a quarter of
+    the fp32 weight bytes (gpt-fast's int8 weight-only). CPU: torch's int8 x float kernel; elsewhere dequantised."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        self.register_buffer('q', torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer('scale', scale)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        if x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16):
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.q, self.scale.to(x.dtype))
+            y = y.view(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+        return y if self.bias is None else y + self.bias
 
 
 def peak_flops(device='cpu', dtype=torch.float32, quick=False):

@@ -326,6 +326,7 @@ device = 'auto'           # auto = cuda > mps > cpu
 dtype = 'auto'            # weights: auto = bfloat16 on CUDA when supported, else float32. bfloat16 on a CPU
                           #   without bf16 units: faster decoding (half the bytes), much slower long prompts
 kv_dtype = 'auto'         # KV cache: auto = float32 on CPU (its attention kernels run fp32 fastest), else dtype
+quantize = 'none'         # none | int8: weight-only int8 Linears (per-row scales), a quarter of the fp32 bytes
 compile = False           # torch.compile the model
 eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin),
 eval_per_type = 20        #   greedy, and --self_consistency=N majority vote; this many exercises per type
@@ -496,7 +497,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     reject_shape_flags(argv, 'sample.py')
     configure(globals(), argv)
-    for key, allowed in (('strategy', 'greedy|sample|beam'), ('kv_cache', 'none|contiguous|paged'),
+    for key, allowed in (('strategy', 'greedy|sample|beam'), ('kv_cache', 'none|contiguous|paged'), ('quantize', 'none|int8'),
                          ('dtype', 'auto|float32|bfloat16|float16'), ('kv_dtype', 'auto|float32|bfloat16|float16')):
         if globals()[key] not in allowed.split('|'):
             die(f"{key} must be {allowed}, got '{globals()[key]}'")
@@ -518,6 +519,8 @@ def main(argv=None):
     model, tok, data_dir = load(find_checkpoint(out_dir, given), device, overrides)
     # inference keeps no fp32 master weights: cast them (half the bytes read per token), no autocast
     model = model.to(getattr(torch, dtype))
+    if quantize == 'int8':
+        model = model.quantize_int8()
     if kv_dtype == 'auto':
         kv_dtype = 'float32' if device == 'cpu' else dtype
     kv = getattr(torch, kv_dtype)

@@ -72,7 +72,7 @@ def test_attention_mhsa_ffn_train(quick):
 
 
 def test_decode_target_scenario(cpu):
-    """The decoding-speed scenario at --quick sizes: every cache x strategy for fp32 and bf16 weights, the
+    """The decoding-speed scenario at --quick sizes: every cache x strategy for fp32 and bf16 weights (int8: greedy), the
     estimated no-cache baseline (fp32 only), the weight-read ceiling, and a targets row per weight dtype."""
     res = bench.decode_target()
     rows = res['rows']
@@ -84,7 +84,8 @@ def test_decode_target_scenario(cpu):
     assert ('float32', 'none (estimated)', 'greedy') in runs and ('bfloat16', 'none (estimated)', 'greedy') not in runs
     positive(rows, 'tok_s', 'ms_per_token')
     t = {r['weights']: r for r in res['tables'][bench.TARGETS_TITLE]}
-    assert set(t) == {'float32', 'bfloat16'} and 'vs_none' in t['float32'] and 'vs_none' not in t['bfloat16']
+    assert {('int8', 'contiguous', 'greedy'), ('int8', 'paged', 'greedy')} <= runs and res['config']['int8_tok_s_ceiling'] > 0
+    assert set(t) == {'float32', 'bfloat16', 'int8'} and 'vs_none' in t['float32'] and 'vs_none' not in t['bfloat16']
     cont = next(r for r in rows if (r['weights'], r['kv_cache'], r['strategy']) == ('float32', 'contiguous', 'greedy'))
     assert t['float32']['cached_tok_s'] == cont['tok_s']
 

@@ -847,3 +847,50 @@ def test_kaiming_init_is_he_normal_and_gpt2_init_scales_residual_projections():
         tiny(init_scheme='xavier')
     with pytest.raises(ValueError, match='norm_position'):
         tiny(norm_position='sandwich')
+
+
+# ---- int8 weight-only inference ----------------------------------------------------------------
+
+def test_int8_linear_is_per_row_absmax_and_close_to_fp32():
+    from model import Int8Linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 20)
+    q = Int8Linear(lin)
+    assert q.q.dtype == torch.int8 and q.q.abs().amax(1).eq(127).all()  # every row uses its full range
+    torch.testing.assert_close(q.scale, lin.weight.abs().amax(1) / 127)
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), F.linear(x, q.q.float() * q.scale[:, None], lin.bias), atol=1e-5, rtol=1e-5)
+        assert ((q(x) - lin(x)).norm() / lin(x).norm()).item() < 0.01
+        xb = x.bfloat16()  # the bf16 CPU kernel too
+        torch.testing.assert_close(q(xb).float(), q(x), atol=0.05, rtol=0.05)
+
+
+def test_int8_model_keeps_val_perplexity_within_1pct_and_cache_equals_no_cache():
+    import copy
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    stream = lambda n: torch.cumsum(torch.randint(1, 3, (n,), generator=g), 0) % V  # learnable: mostly t + 1
+    m = GPT(tiny(pos_emb='rope', n_embd=64, n_head=4, tie_weights=True, block_size=32))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    train, val = stream(20000), stream(33 * 64).view(-1, 33)
+    for _ in range(150):
+        ix = torch.randint(len(train) - 33, (16,), generator=g)
+        batch = torch.stack([train[i:i + 33] for i in ix])
+        loss = m(batch[:, :-1], batch[:, 1:])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    q = copy.deepcopy(m).quantize_int8()
+    assert sum(isinstance(mod, torch.nn.Linear) for mod in q.modules()) == 0
+    with torch.no_grad():
+        ppl = math.exp(m(val[:, :-1], val[:, 1:])[1].item())
+        ppl_q = math.exp(q(val[:, :-1], val[:, 1:])[1].item())
+        assert ppl < V / 4, ppl  # a trained model, so the comparison means something
+        assert abs(ppl_q - ppl) / ppl < 0.01, (ppl, ppl_q)
+        x = val[:2, :20]
+        full = q(x)[0]
+        cache = q.make_kv_cache(2, 20)
+        steps = [q(x[:, :4], kv_cache=cache)[0]] + [q(x[:, t:t + 1], kv_cache=cache)[0] for t in range(4, 20)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)

@@ -455,6 +455,15 @@ def test_cli_generates(chat_ckpt, args, check):
     check(r.stdout)
 
 
+def test_cli_int8_greedy_is_the_same_with_and_without_the_cache(chat_ckpt):
+    outs = [run_cli(f'--out_dir={chat_ckpt}', '--start=12', '--max_new_tokens=12', '--strategy=greedy',
+                    '--quantize=int8', f'--kv_cache={kv}') for kv in ('contiguous', 'none')]
+    assert all(r.returncode == 0 for r in outs), outs[0].stderr
+    assert outs[0].stdout == outs[1].stdout and len(outs[0].stdout.split('---')[0]) > len('12')
+    r = run_cli(f'--out_dir={chat_ckpt}', '--quantize=int4')
+    assert r.returncode == 2 and 'quantize must be none|int8' in r.stderr
+
+
 def test_cli_chat_keeps_history_until_eof(chat_ckpt):
     r = run_cli(f'--out_dir={chat_ckpt}', '--chat', '--max_new_tokens=5', '--strategy=greedy',
                 stdin='What is 2+3?\n/reset\nSort 3, 1, 2.\n')
