@@ -929,6 +929,12 @@ class ContiguousKVCache:
         for b, o in zip(self.bufs[layer], old or ()):
             b[..., :L, :] = o[..., :L, :]
 
+    def truncate(self, n):
+        """Forget the newest n tokens (rejected speculative drafts): they are overwritten by the next update."""
+        if self.keep:
+            raise ValueError("a streaming cache cannot forget tokens: its evictions are final")
+        self.pos, self.seq_len = self.pos - n, self.seq_len - n
+
     def reorder(self, indices):
         """Row i becomes old row indices[i] (beam parents; one prefill expanded to n samples; finished rows
         dropped). len(indices) may differ from the batch size. Copies the filled part of every buffer."""

@@ -10,6 +10,7 @@ KV cache (model.py); the CLI at the bottom only wires config keys to them. Formu
 import glob
 import os
 import sys
+import time
 from collections import Counter
 
 import torch
@@ -171,6 +172,49 @@ def generate(model, prompt, max_new_tokens, num_samples=1, strategy='sample', te
     return out
 
 
+def lookup_draft(seq, ngram, k):
+    """Prompt lookup: up to k tokens that followed the latest earlier occurrence of the last n-gram of seq
+    (n = ngram, ngram - 1, ..., 1) that has k of them, else its longest continuation; [] when none occurs."""
+    for n in range(min(ngram, len(seq) - 1), 0, -1):
+        tail, best = seq[-n:], []
+        for i in range(len(seq) - n - 1, -1, -1):
+            if seq[i:i + n] == tail and len(seq) - i - n > len(best):
+                best = seq[i + n:i + n + k]
+                if len(best) == k:
+                    break
+        if best:
+            return best
+    return []
+
+
+@torch.no_grad()
+def lookup_greedy(model, prompt, max_new_tokens, stop_ids=(), on_token=None, draft_len=8, ngram=3, kv_dtype=None):
+    """Greedy decoding, speculatively (Leviathan et al. 2023) with the context itself as the draft model (prompt
+    lookup decoding, Saxena 2023): after each token, lookup_draft proposes what followed the same n-gram earlier;
+    one forward of the token + its draft scores them all, the draft tokens greedy would have chosen are kept (and the
+    model's next token comes free), the rest leave the cache. The output is greedy's; returns (tokens, forwards)."""
+    device = next(model.parameters()).device
+    cache = model.make_kv_cache(1, len(prompt) + max_new_tokens + draft_len, device=device, dtype=kv_dtype)
+    logits = model(torch.tensor([prompt], device=device), kv_cache=cache)[0][0, -1:]
+    seq, out, forwards = list(prompt), [], 1
+    while True:
+        for t in logits.argmax(-1).tolist():  # the model's tokens: the accepted drafts, then its own next one
+            if t in stop_ids:
+                return out, forwards
+            out.append(t)
+            seq.append(t)
+            if (on_token and on_token(0, t)) or len(out) == max_new_tokens:
+                return out, forwards
+        draft = lookup_draft(seq, ngram, min(draft_len, max_new_tokens - len(out) - 1))
+        x = torch.tensor([[seq[-1]] + draft], device=device)
+        scored = model(x, kv_cache=cache)[0][0]  # scored[j]: the next token after x[j]
+        forwards += 1
+        greedy = scored.argmax(-1).tolist()
+        n_ok = next((j for j, d in enumerate(draft) if greedy[j] != d), len(draft))
+        cache.truncate(len(draft) - n_ok)
+        logits = scored[:n_ok + 1]
+
+
 def sequence_score(sum_logprob, length, length_penalty):
     """Beam hypothesis score (HF): sum of log-probs / generated_length ** length_penalty (alpha).
     alpha = 0 ranks by raw sum; alpha > 0 favours longer outputs (log-probs are < 0), alpha < 0 shorter."""
@@ -327,6 +371,8 @@ dtype = 'auto'            # weights: auto = bfloat16 on CUDA when supported, els
                           #   without bf16 units: faster decoding (half the bytes), much slower long prompts
 kv_dtype = 'auto'         # KV cache: auto = float32 on CPU (its attention kernels run fp32 fastest), else dtype
 quantize = 'none'         # none | int8: weight-only int8 Linears (per-row scales), a quarter of the fp32 bytes
+speculative = 'none'      # none | lookup: greedy with prompt-lookup drafts (the same tokens, fewer forwards)
+draft_len = 8             # lookup: draft tokens checked per forward
 compile = False           # torch.compile the model
 eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin),
 eval_per_type = 20        #   greedy, and --self_consistency=N majority vote; this many exercises per type
@@ -498,6 +544,7 @@ def main(argv=None):
     reject_shape_flags(argv, 'sample.py')
     configure(globals(), argv)
     for key, allowed in (('strategy', 'greedy|sample|beam'), ('kv_cache', 'none|contiguous|paged'), ('quantize', 'none|int8'),
+                         ('speculative', 'none|lookup'),
                          ('dtype', 'auto|float32|bfloat16|float16'), ('kv_dtype', 'auto|float32|bfloat16|float16')):
         if globals()[key] not in allowed.split('|'):
             die(f"{key} must be {allowed}, got '{globals()[key]}'")
@@ -508,7 +555,12 @@ def main(argv=None):
         ('max_new_tokens', max_new_tokens >= 1, '>= 1'), ('num_samples', num_samples >= 1, '>= 1'),
         ('beam_size', beam_size >= 1, '>= 1'), ('n_best', 1 <= n_best <= beam_size, f'in [1, beam_size={beam_size}]'),
         ('page_size', page_size >= 1, '>= 1'), ('self_consistency', self_consistency >= 0, '>= 0 (0 = off)'),
-        ('eval_per_type', eval_per_type >= 1, '>= 1')])
+        ('eval_per_type', eval_per_type >= 1, '>= 1'), ('draft_len', draft_len >= 1, '>= 1')])
+    if speculative != 'none' and (strategy != 'greedy' or kv_cache != 'contiguous' or num_samples != 1 or chat or
+                                  prompt or eval_exercises or repetition_penalty != 1 or no_repeat_ngram or
+                                  frequency_penalty or presence_penalty):
+        die("speculative=lookup is plain greedy made faster: use it with --strategy=greedy --kv_cache=contiguous, "
+            "one sample, no penalties, not in chat or --eval_exercises")
     overrides = model_overrides(globals())
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
@@ -560,8 +612,19 @@ def main(argv=None):
     streams = [TextStream(tok, show=num_samples == 1, stop=stop) for _ in range(num_samples)]
     if num_samples == 1:
         print(text, end='')
-    generate(model, ids, num_samples=num_samples, stop_ids=stop_ids,
-             on_token=lambda r, t: streams[r](t), **gen)
+    if speculative == 'lookup':
+        c = model.config
+        if c.sliding_window or c.pos_emb == 'learned' and len(ids) + max_new_tokens > c.block_size:
+            die("speculative=lookup needs a cache that keeps every token: no sliding_window, and with learned "
+                f"positions at most block_size={c.block_size} tokens in all")
+        t0 = time.time()
+        out, forwards = lookup_greedy(model, ids, max_new_tokens, stop_ids, lambda r, t: streams[r](t), draft_len,
+                                      kv_dtype=kv)
+        print(f"lookup: {len(out)} tokens in {forwards} forwards ({len(out) / forwards:.2f} tokens each), "
+              f"{len(out) / (time.time() - t0):.1f} tok/s", file=sys.stderr)
+    else:
+        generate(model, ids, num_samples=num_samples, stop_ids=stop_ids,
+                 on_token=lambda r, t: streams[r](t), **gen)
     for s in streams:
         s.finish()
         print(('\n' if num_samples == 1 else text + s.text() + '\n') + '---------------')

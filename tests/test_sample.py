@@ -652,3 +652,45 @@ def test_cli_eval_exercises_prints_a_table(chat_ckpt):
     types = [row.split('|')[1].strip() for row in rows]  # 100 tiny samples: not every type reaches val
     assert types and set(types) <= {'arithmetic', 'count', 'sort', 'reverse', 'rag'}
     assert all(row.split('|')[2].strip() == '1' for row in rows)  # eval_per_type=1
+
+
+# ---- speculative greedy with prompt lookup -----------------------------------------------------------------
+
+def test_lookup_draft_finds_the_latest_longest_ngram():
+    seq = [1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3]
+    assert sample.lookup_draft(seq, 3, 2) == [7, 5]  # the latest earlier "1 2 3" is followed by 7 5
+    assert sample.lookup_draft([4, 8, 6, 8], 3, 3) == [6, 8]  # falls back to the last 1-gram "8"
+    assert sample.lookup_draft([5, 2, 2, 2, 2], 1, 2) == [2, 2]  # the latest "2" with 2 tokens after it
+    assert sample.lookup_draft([1, 2, 3], 3, 4) == []
+
+
+@pytest.mark.parametrize('pos_emb,init_std', [('rope', 0.02), ('alibi', 1.0), ('learned', 1.0)])
+def test_lookup_greedy_gives_greedy_tokens(pos_emb, init_std):
+    """A small init repeats a token (every draft accepted); a large one wanders (most drafts rejected): both paths
+    give the no-cache greedy tokens exactly, with or without a stop token, for every draft length."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=160, vocab_size=50, pos_emb=pos_emb,
+                      init_std=init_std)).eval().double()
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8] * 4 + [1, 2]
+    full = sample.generate(m, prompt, 100, strategy='greedy', kv_cache='none')[0]  # the reference: no cache at all
+    late = next((t for i, t in enumerate(full) if i >= 10 and full.index(t) == i), None)  # first seen after 10
+    for draft_len in (1, 4, 8):
+        out, forwards = sample.lookup_greedy(m, prompt, 100, draft_len=draft_len)
+        assert out == full
+        if init_std < 0.1:  # drafts accepted: draft_len + 1 tokens a forward
+            assert forwards <= len(full) / (draft_len + 1) + 5, (draft_len, forwards)  # + the start-up
+        if late is not None:
+            assert sample.lookup_greedy(m, prompt, 100, stop_ids=[late], draft_len=draft_len)[0] == full[:full.index(late)]
+    assert init_std < 0.1 or len(set(full)) > 3
+    streamed = []  # on_token sees every token and can stop the row
+    out, _ = sample.lookup_greedy(m, prompt, 100, on_token=lambda r, t: streamed.append(t) or len(streamed) == 7)
+    assert streamed == out == full[:7]
+
+
+def test_cli_lookup_matches_greedy_and_refuses_other_strategies(chat_ckpt):
+    args = [f'--out_dir={chat_ckpt}', '--start=12+12+12+12', '--max_new_tokens=20', '--strategy=greedy']
+    plain, fast = run_cli(*args), run_cli(*args, '--speculative=lookup', '--draft_len=4')
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout and 'forwards' in fast.stderr
+    r = run_cli(f'--out_dir={chat_ckpt}', '--speculative=lookup', '--strategy=sample')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'greedy' in r.stderr
