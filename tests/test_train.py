@@ -385,10 +385,15 @@ def test_resume_takes_runtime_flags_from_the_command_line(tiny_data, tmp_path):
     out = str(tmp_path / 'o')
     common = [f'--data_dir={tiny_data}', f'--out_dir={out}', '--eval_interval=3']
     run_train(common + ['--max_iters=3', '--dropout=0.0'])
-    r = run_train(common + ['--max_iters=6', '--init_from=resume', '--dropout=0.2'])
-    assert 'dropout 0.0 -> 0.2' in r.stdout
+    r = run_train(common + ['--max_iters=6', '--init_from=resume', '--dropout=0.2', '--attn_impl=manual',
+                            '--grad_checkpoint=True', '--moe_aux_coef=0.5'])
+    for change in ('dropout 0.0 -> 0.2', "attn_impl 'sdpa' -> 'manual'", 'grad_checkpoint False -> True',
+                   'moe_aux_coef 0.01 -> 0.5'):
+        assert change in r.stdout, r.stdout[:500]
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['model_args']['dropout'] == 0.2 and ckpt['config']['dropout'] == 0.2
+    assert (ckpt['model_args']['attn_impl'], ckpt['model_args']['grad_checkpoint'], ckpt['model_args']['moe_aux_coef']) \
+        == ('manual', True, 0.5)
     with open(os.path.join(out, 'config.json')) as f:
         assert json.load(f)['dropout'] == 0.2
     log = read_log(out)
