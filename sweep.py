@@ -155,6 +155,21 @@ def read_log(out_dir):
     return records
 
 
+def recorded_args(run):
+    """What a run was started with before (its train.py arguments and process count), or None."""
+    path = os.path.join(run['out_dir'], 'command.json')
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_args(run):
+    cmd = run['cmd']
+    i = next(k for k, a in enumerate(cmd) if a.endswith('train.py'))
+    return dict(args=cmd[i + 1:], launcher=cmd[1:i])
+
+
 def execute(run, i, n):
     """Run one train.py (or skip it when it finished before); returns its status dict, also saved as status.json."""
     status_path = os.path.join(run['out_dir'], 'status.json')
@@ -168,6 +183,7 @@ def execute(run, i, n):
     if os.path.isfile(os.path.join(run['out_dir'], 'ckpt.pt')):  # stopped half way: continue it exactly
         cmd.append('--init_from=resume')
     os.makedirs(run['out_dir'], exist_ok=True)
+    save_json(run_args(run), os.path.join(run['out_dir'], 'command.json'))
     print(f"[{i}/{n}] {run['label']} seed {run['seed']}: running (output in {run['out_dir']}/train.log)", flush=True)
     t0 = time.time()
     with open(os.path.join(run['out_dir'], 'train.log'), 'a') as log:
@@ -349,10 +365,19 @@ def main(argv=None):
         for r in runs:
             print(' '.join(r['cmd']))
         return 0
+    for r in runs:  # a finished or half-done run is reused only for the very same command
+        old = recorded_args(r)
+        if old is not None and old != run_args(r):
+            die(f"{r['out_dir']} was run with other arguments ({' '.join(old['args'])}); give this sweep another "
+                f"--name, or delete {sweep_dir} to start it again")
     os.makedirs(sweep_dir, exist_ok=True)
     print(f"sweep {name}: {len(runs)} run(s) ({kind}) -> {sweep_dir}", flush=True)
     t0 = time.time()
-    statuses = [execute(r, i + 1, len(runs)) for i, r in enumerate(runs)]
+    try:
+        statuses = [execute(r, i + 1, len(runs)) for i, r in enumerate(runs)]
+    except KeyboardInterrupt:
+        print(f"\nsweep interrupted: run the same command again to continue (finished runs are kept)", file=sys.stderr)
+        return 130
     rows = summarize(runs, statuses)
     if kind == 'grid':
         rows.sort(key=lambda r: (not r['ok'], r.get('final_val', 0)))

@@ -83,17 +83,20 @@ def test_seeds_grid_table_failures_and_rerun(tmp_path):
     # a second call reruns only what failed
     r2, _ = run_sweep(tmp_path, *grid)
     assert r2.stdout.count('finished before, skipped') == 4 and r2.stdout.count('running') == 2
+    r3, _ = run_sweep(tmp_path, *grid, '--dropout=0.1')  # the same name with other arguments is refused
+    assert r3.returncode == 2 and 'was run with other arguments' in r3.stderr and r3.stderr.count('\n') == 1
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
-    r, out = run_sweep(tmp_path, '--max_iters=3', '--name=s')
-    assert r.returncode == 0, r.stdout + r.stderr
-    run_dir = out / 's' / 'runs' / 'base-seed1337'
-    os.remove(run_dir / 'status.json')  # as if the sweep was killed after the checkpoint at iter 3
-    r, out = run_sweep(tmp_path, '--max_iters=6', '--name=s')
+    data = make_dataset(str(tmp_path / 'data' / 'tiny'))
+    run_dir = tmp_path / 'sw' / 's' / 'runs' / 'base-seed1337'
+    # as if the sweep was killed after the checkpoint at iter 3 of 6: the run's train.py stopped there
+    subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *TINY, f'--data_dir={data}', '--max_iters=3',
+                    '--lr_decay_iters=6', f'--out_dir={run_dir}'], check=True, capture_output=True, timeout=120)
+    r, out = run_sweep(tmp_path, '--max_iters=6', '--lr_decay_iters=6', '--name=s')
     assert r.returncode == 0, r.stdout + r.stderr
     commands = [ln for ln in open(run_dir / 'train.log') if ln.startswith('$ ')]
-    assert len(commands) == 2 and '--init_from=resume' not in commands[0] and '--init_from=resume' in commands[1]
+    assert len(commands) == 1 and '--init_from=resume' in commands[0]
     evals = [json.loads(x)['iter'] for x in open(run_dir / 'log.jsonl') if 'val_loss' in json.loads(x)]
     assert evals == [0, 3, 6]  # continued, not restarted, and iter 3 not evaluated twice
 
