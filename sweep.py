@@ -205,7 +205,8 @@ def execute(run, i, n):
 
 
 def non_embedding_params(out_dir):
-    """The run's model built from its config.json on the meta device (no memory, no time)."""
+    """N of Kaplan et al. 2020: parameters without the token/position tables (the tied head too) and soft prompt,
+    of the run's model built from its config.json on the meta device (no memory, no time)."""
     import torch
     from dataclasses import fields
     from model import GPT, GPTConfig
@@ -213,13 +214,14 @@ def non_embedding_params(out_dir):
         cfg = json.load(f)
     with torch.device('meta'):
         model = GPT(GPTConfig(**{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}))
-    return model.num_params(non_embedding=True)
+    tables = ('transformer.wte.', 'transformer.wpe.', 'lm_head.', 'transformer.soft_prompt')
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(tables))
 
 
 def mean_std(xs):
-    """Mean and sample std (n - 1; 0 for one run)."""
+    """Mean and sample std (n - 1; None for one run)."""
     xs = np.asarray(xs, dtype=float)
-    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else None
 
 
 def summarize(runs, statuses):
@@ -237,7 +239,7 @@ def summarize(runs, statuses):
             final = [e[-1]['val_loss'] for e in evals]
             row['final_val'], row['final_val_std'] = mean_std(final)
             row['best_val'], row['best_val_std'] = mean_std([min(x['val_loss'] for x in e) for e in evals])
-            row['std_pct'] = 100 * row['final_val_std'] / row['final_val']
+            row['std_pct'] = None if row['final_val_std'] is None else 100 * row['final_val_std'] / row['final_val']
             bpb = [e[-1].get('val_bpb') for e in evals]
             row['final_bpb'] = mean_std(bpb)[0] if all(b is not None for b in bpb) else None
             row['iters'] = evals[0][-1]['iter']
@@ -271,16 +273,19 @@ def fmt(x, spec='.4f'):
 
 def to_markdown(title, rows, kind, fit):
     md = [f'# {title}', '', f"{sum(r['ok'] for r in rows)} of {sum(r['runs'] for r in rows)} runs finished. "
-          'Val loss: mean +- sample std over the seeds of a cell at the last eval; best: the lowest eval of each run.', '',
+          'Val loss: mean +- sample std over the seeds of a cell at the last eval; best: the lowest eval of each run. '
+          'Params: without the token and position tables (Kaplan et al.).', '',
           '| cell | params (non-emb.) | seeds | final val loss | std % of mean | best val loss | val bpb | iters | tok/s | wall s |',
           '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         if not r['ok']:
             md.append(f"| {r['label']} | - | 0/{r['runs']} | failed | - | - | - | - | - | - |")
             continue
-        md.append(f"| {r['label']} | {r['params']:,} | {r['ok']}/{r['runs']} | {r['final_val']:.4f} +- "
-                  f"{r['final_val_std']:.4f} | {r['std_pct']:.2f}% | {r['best_val']:.4f} +- {r['best_val_std']:.4f} | "
-                  f"{fmt(r['final_bpb'])} | {r['iters']} | {fmt(r['tok_s'], ',.0f')} | {r['wall_s']:.0f} |")
+        pm = lambda m, s: f"{m:.4f}" + ('' if s is None else f" +- {s:.4f}")
+        md.append(f"| {r['label']} | {r['params']:,} | {r['ok']}/{r['runs']} | {pm(r['final_val'], r['final_val_std'])} | "
+                  f"{fmt(r['std_pct'], '.2f')}{'%' if r['std_pct'] is not None else ''} | "
+                  f"{pm(r['best_val'], r['best_val_std'])} | {fmt(r['final_bpb'])} | {r['iters']} | "
+                  f"{fmt(r['tok_s'], ',.0f')} | {r['wall_s']:.0f} |")
     failed = [f"- {r['label']} {f}" for r in rows for f in r['failed']]
     if failed:
         md += ['', 'Failed runs (their train.log has the whole output):', *failed]
@@ -337,7 +342,7 @@ def make_plots(runs, rows, kind, fit, sweep_dir):
     if kind == 'scaling' and done:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         n = np.array([r['params'] for r in done], dtype=float)
-        ax.errorbar(n, [r['final_val'] for r in done], yerr=[r['final_val_std'] for r in done], fmt='o', label='runs')
+        ax.errorbar(n, [r['final_val'] for r in done], yerr=[r['final_val_std'] or 0 for r in done], fmt='o', label='runs')
         if fit:
             a, b, c = fit
             grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 100)
@@ -349,7 +354,7 @@ def make_plots(runs, rows, kind, fit, sweep_dir):
     if kind == 'grid' and done:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for r in done:
-            ax.errorbar(r['tok_s'] or 0, r['final_val'], yerr=r['final_val_std'], fmt='o')
+            ax.errorbar(r['tok_s'] or 0, r['final_val'], yerr=r['final_val_std'] or 0, fmt='o')
             ax.annotate(r['label'], (r['tok_s'] or 0, r['final_val']), fontsize=6)
         ax.set(xlabel='training tokens/s (median)', ylabel='final val loss', title='speed vs quality')
         save(fig, 'pareto.png')

@@ -106,9 +106,11 @@ def test_scaling_fits_a_power_law_and_plots(tmp_path):
                        'n_layer,n_embd=1,8 1,16 2,16 2,32')
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.load(open(out / 'sc' / 'results.json'))
-    params = [row['params'] for row in res['rows']]
-    assert params == sorted(params) and len(set(params)) == 4
+    params = [row['params'] for row in res['rows']]  # Kaplan's N: 12 d^2 + 2 d (norm gains) a layer + ln_f
+    assert params == [L * (12 * d * d + 2 * d) + d for L, d in ((1, 8), (1, 16), (2, 16), (2, 32))]
+    assert all(row['final_val_std'] is None and row['std_pct'] is None for row in res['rows'])  # one seed: no std
     assert all(row['iters'] == 6 for row in res['rows'])  # 384 tokens / (4 x 16) per step
     assert set(res['power_law']) == {'a', 'b', 'c'}
-    assert 'L(N) =' in open(out / 'sc' / 'results.md').read()
+    md = open(out / 'sc' / 'results.md').read()
+    assert 'L(N) =' in md and '| n_layer=1,n_embd=8 | 792 | 1/1 | ' in md and '+-' not in md.split('|---|')[-1]
     assert_real_png(out / 'sc' / 'scaling.png')
