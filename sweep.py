@@ -5,7 +5,7 @@ Experiments over many train.py runs: seeds, grids and scaling curves, one table.
     python sweep.py config/speedrun.py --scaling "n_layer,n_head,n_embd=2,2,128 4,4,256" --tokens=2000000
     python sweep.py config/speedrun.py --seeds=3 --nproc=2 --max_iters=200          # each run under torchrun
 Every run is `python train.py CONFIGS... --key=value ...` in its own subprocess and out_dir
-(sweep_out/NAME/runs/LABEL-seedS/); its output goes to train.log there. Any --key=value that is not one of
+(sweep_out/NAME/runs/LABEL-seedS/), started in this directory as train.py would be; its output goes to train.log there. Any --key=value that is not one of
 this script's own flags below goes to every run. A run that finished is not run again; one that stopped half
 way resumes from its checkpoint; a failed run is reported and the others go on. Results: the runs' log.jsonl
 files -> sweep_out/NAME/results.{json,md} and PNGs (loss curves with a +-std band, lr/dropout schedules, and
@@ -189,7 +189,7 @@ def execute(run, i, n):
     with open(os.path.join(run['out_dir'], 'train.log'), 'a') as log:
         log.write('$ ' + ' '.join(cmd) + '\n')
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
     status = dict(returncode=rc, wall_s=time.time() - t0, cmd=cmd)
     if rc != 0:
         with open(os.path.join(run['out_dir'], 'train.log')) as f:
