@@ -302,6 +302,7 @@ def make_plots(runs, rows, kind, fit, sweep_dir):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     def save(fig, name):
         fig.tight_layout()
@@ -349,6 +350,8 @@ def make_plots(runs, rows, kind, fit, sweep_dir):
             ax.plot(grid, a * grid ** -b + c, '-', label=f'{a:.3g} N^-{b:.3f} + {c:.3f}')
         ax.set(xscale='log', yscale='log', xlabel='non-embedding parameters N', ylabel='final val loss',
                title='scaling: val loss vs model size')
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 5.40, not 5.4 x 10^0
+            axis(matplotlib.ticker.FormatStrFormatter('%.2f'))
         ax.legend(fontsize=7)
         save(fig, 'scaling.png')
     if kind == 'grid' and done:
