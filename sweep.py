@@ -189,7 +189,8 @@ def execute(run, i, n):
     with open(os.path.join(run['out_dir'], 'train.log'), 'a') as log:
         log.write('$ ' + ' '.join(cmd) + '\n')
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'}).returncode  # train.log fills as it runs
     status = dict(returncode=rc, wall_s=time.time() - t0, cmd=cmd)
     if rc != 0:
         with open(os.path.join(run['out_dir'], 'train.log')) as f:
