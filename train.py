@@ -92,7 +92,8 @@ check_ranges(globals(), [
     ('log_interval', log_interval >= 1, '>= 1'), ('eval_iters', eval_iters >= 1, '>= 1'),
     ('gradient_accumulation_steps', gradient_accumulation_steps >= 1, '>= 1'),
     ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'),
-    ('warmup_iters', warmup_iters >= 0, '>= 0'), ('warmup_frac', 0 <= warmup_frac < 1, 'in [0, 1)'), ('dropout', 0 <= dropout < 1, 'in [0, 1)'),
+    ('warmup_iters', warmup_iters >= 0, '>= 0'), ('warmup_frac', 0 <= warmup_frac < 1, 'in [0, 1)'),
+    ('dropout', 0 <= dropout < 1, 'in [0, 1)'),
     ('weight_decay', weight_decay >= 0, '>= 0'), ('grad_clip', grad_clip >= 0, '>= 0 (0 = off)'),
     ('early_stop_patience', early_stop_patience >= 0, '>= 0 (0 = off)')
 ])
@@ -235,15 +236,16 @@ for split in ('train', 'val'):
     if master:
         counted = f", {int(mask.sum()):,} counted by the loss mask" if mask is not None else ""
         print(f"{split}: {len(tokens):,} tokens{counted}")
+tokens_per_iter = gradient_accumulation_steps * batch_size * seq_len  # one optimizer step, all processes
 if max_epochs > 0:  # an epoch = the train tokens once, in global steps of tokens_per_iter
-    iters_per_epoch = max(1, len(splits['train'][0]) // (gradient_accumulation_steps * batch_size * seq_len))
+    iters_per_epoch = max(1, len(splits['train'][0]) // tokens_per_iter)
     max_iters = config['max_iters'] = math.ceil(max_epochs * iters_per_epoch)
     if evals_per_epoch > 0:
         eval_interval = config['eval_interval'] = max(1, iters_per_epoch // evals_per_epoch)
     if master:
         print(f"{max_epochs:g} epoch(s) of {iters_per_epoch} iterations: max_iters={max_iters}, eval_interval={eval_interval}")
 if max_tokens > 0:
-    max_iters = config['max_iters'] = math.ceil(max_tokens / (gradient_accumulation_steps * batch_size * seq_len))
+    max_iters = config['max_iters'] = math.ceil(max_tokens / tokens_per_iter)
 lr_decay_iters = lr_decay_iters or max_iters
 if warmup_frac > 0:
     warmup_iters = config['warmup_iters'] = round(warmup_frac * max_iters)
@@ -325,7 +327,6 @@ if master:
           f"{model.num_active_params():,}")
 
 
-
 def newton_schulz(g, steps=5, dtype=torch.bfloat16):
     """The nearest semi-orthogonal matrix to g, approximately (U S' V^T with S' in about [0.5, 1.5]): the quintic
     Newton-Schulz iteration of Muon with its coefficients (Jordan et al. 2024; REFERENCE §8.2)."""
@@ -361,8 +362,9 @@ class MuonAdamW(torch.optim.Optimizer):
                     p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
                     continue
                 if not state:
-                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                (b1, b2), t = group['betas'], state['step'].add_(1).item()
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state['step'] += 1  # a Python int: no host sync per parameter
+                (b1, b2), t = group['betas'], state['step']
                 state['exp_avg'].lerp_(g, 1 - b1)
                 state['exp_avg_sq'].mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = (state['exp_avg_sq'] / (1 - b2 ** t)).sqrt_().add_(group['eps'])
@@ -530,7 +532,6 @@ if master:
     print("config:", json.dumps(config, default=str))
     save_json(config, os.path.join(out_dir, 'config.json'))
     log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w')
-tokens_per_iter = gradient_accumulation_steps * batch_size * seq_len
 flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / world_size  # per device: MFU is per device
 peak = peak_flops(device, ptdtype) if master else None  # of one device, in the training dtype
 bytes_per_token = meta.get('bytes_per_token') or 0  # of the tokens the loss counts (prepare.py)
