@@ -14,7 +14,9 @@ prepare.py -- the data front door: a dataset -> data/NAME/{train,val}.bin + meta
 
 Downloadable datasets take --input=PATH (a local copy; sha256 checked when known); downloads are cached in
 data/.cache/. Errors: one line, exit code 2; the output dir is built in a temp dir and renamed into place.
-The offline twin also writes its held-out exercises to val_exercises.jsonl ({"id", "type", "prompt", "answer"}).
+The offline twin (tasks/synth.py) also writes its exercises to {train,val}_exercises.jsonl ({"id", "type", "prompt",
+"answer"}: sample.py scores the val ones and samples preference pairs on the train ones); --calculator=True writes
+its arithmetic as calculator calls (tasks/calculator.py).
 """
 import base64, hashlib, heapq, importlib.metadata, importlib.util, io, itertools, json, os, random, re, shutil
 import sys, tempfile, time, unicodedata, zipfile
@@ -24,6 +26,9 @@ import numpy as np
 import regex  # \p{L} and possessive quantifiers for the GPT-4 split pattern; a tiktoken dependency
 import requests
 import tiktoken
+
+from tasks.calculator import OUTPUT_END, OUTPUT_START, TOOL_TOKENS
+from tasks.synth import CHAT_FIELDS, EXERCISES, in_val, local_synth_rows, row_to_chat, valid_chat
 
 # Special tokens, in id order after the mergeable ranks. ChatML (OpenAI chatml.md) + Qwen3-style think tags.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
@@ -63,6 +68,7 @@ DEFAULTS = dict(
     n_samples=20000,        # synth: conversations to collect
     language="en",          # synth: keep rows in this language
     train_user=False,       # synth: loss mask also covers the user turn
+    calculator=False,       # synth --source=local: arithmetic reasoning as a calculator call (tool-call tokens)
     throttle=0.5,           # synth: seconds between rows-API calls
     seed=1337,              # synth --source=local: the generator seed; hn_titles: the shuffle's seed
     n_titles=100000,        # hn_titles: titles kept after the shuffle (the first 1 - val_frac are train)
@@ -556,54 +562,26 @@ def render_chatml(user, assistant=None):
 
 def encode_chatml(tok, user, assistant=None, train_user=False):
     """(ids, loss mask) of render_chatml(user, assistant). User text is ordinary text (typing "<|im_end|>"
-    cannot inject a special token); in the assistant text <think> and </think> are special. mask = 1 on the
-    assistant content and its <|im_end|> (so the model learns to stop); train_user also counts the user's."""
+    cannot inject a special token); in the assistant text <think>, </think> and the tool-call tokens are special.
+    mask = 1 on the assistant content and its <|im_end|> (so the model learns to stop), but 0 on a tool's output
+    (<|output_start|> result <|output_end|>: the sampler writes it, REFERENCE 15); train_user counts the user's."""
     start, end = [tok.special_tokens["<|im_start|>"]], [tok.special_tokens["<|im_end|>"]]
     parts = [(start + tok.encode("user\n"), 0), (tok.encode(user) + end, train_user),
              (tok.encode("\n") + start + tok.encode("assistant\n"), 0)]
+    ids, mask = [i for p, _ in parts for i in p], [int(m) for p, m in parts for _ in p]
     if assistant is not None:
-        parts.append((tok.encode(assistant, allowed_special={"<think>", "</think>"}) + end, 1))
-    return [i for ids, _ in parts for i in ids], [int(m) for ids, m in parts for _ in ids]
-
-
-CHAT_RE = re.compile(r"<\|im_start\|>user\n(.+)<\|im_end\|>\n<\|im_start\|>assistant\n"
-                     r"<think>(.*)</think>\n(.+)<\|im_end\|>", re.S)
-
-
-def valid_chat(text):
-    """Exactly one user and one assistant turn, every tag once and in order, non-empty question and answer."""
-    once = all(text.count(t) == n for t, n in (("<|im_start|>", 2), ("<|im_end|>", 2), ("<think>", 1), ("</think>", 1)))
-    return once and EOT not in text and CHAT_RE.fullmatch(text) is not None
-
-
-def extract_answer(text):
-    """The final answer of a generated assistant turn: after the last </think>, before <|im_end|>, first line."""
-    text = text.split("<|im_end|>")[0].rsplit("</think>", 1)[-1]
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-def check_answer(kind, pred, gold):
-    """Exact match after normalising case, spaces, list commas and a final period; numbers ignore ',' and ' '."""
-    norm = lambda s: re.sub(r"\s*,\s*", ", ", " ".join(str(s).strip().rstrip(".").lower().split()))
-    if kind == "arithmetic":
-        norm = lambda s: re.sub(r"[,\s]", "", str(s)).rstrip(".")
-    return norm(pred) == norm(gold)
+        reply, output = tok.encode(assistant, allowed_special={"<think>", "</think>", *TOOL_TOKENS}) + end, False
+        out_start, out_end = tok.special_tokens.get(OUTPUT_START), tok.special_tokens.get(OUTPUT_END)
+        for i in reply:
+            output = output or i == out_start
+            mask.append(int(not output))
+            output = output and i != out_end
+        ids += reply
+    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------------------
 # synth: PleIAs/SYNTH rows -> (user, assistant) chats, or the deterministic offline twin
-
-CHAT_FIELDS = ("query", "constraints", "synthetic_reasoning", "synthetic_answer")
-
-
-def row_to_chat(row):
-    """SYNTH row -> (user, assistant) as the seed checklist maps it: constraints join the query only for rag."""
-    user = (row.get("query") or "").strip()
-    if row.get("exercise") == "rag" and (row.get("constraints") or "").strip():
-        user += "\n" + row["constraints"].strip()
-    reasoning, answer = (row.get("synthetic_reasoning") or "").strip(), (row.get("synthetic_answer") or "").strip()
-    return user, f"<think>{reasoning}</think>\n{answer}"
-
 
 def fetch_rows(dataset, path, keep, enough, label, throttle=0.5, first_retries=8):
     """Rows of a Hugging Face dataset (config default, split train) from the rows API, 100 a call, until
@@ -665,120 +643,13 @@ def fetch_synth_rows(cfg, path, first_retries=8):
     return rows[: cfg["n_samples"]], skipped
 
 
-# The offline twin: SYNTH-schema exercises, each with a step-by-step reasoning trace and a checkable answer.
-# Made-up words and names, so answers come from the prompt (and the rag sources), never from memory.
-SYLLABLES = "ba ko ri sta mel von dra li ter en qua zo rum pel sa ni tor gra bel mi ossi lan der ve cal".split()
-WORDS = "apple river stone cloud lamp tiger honey glass maple otter violin pepper candle mirror rocket".split()
-RAG_FACTS = (("The capital of {e} is {a}.", "What is the capital of {e}?"),
-             ("{e} was founded in the year {a}.", "In which year was {e} founded?"),
-             ("The {e} engine was invented by {a}.", "Who invented the {e} engine?"))
-FILLER = ("Its markets are busy in the spring.", "The region is known for its mild winters.",
-          "Travellers often arrive by the northern road.", "Local records were kept in three languages.")
-
-
-def pseudo_word(rng, lo=2, hi=4, title=False):
-    w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(lo, hi)))
-    return w.title() if title else w
-
-
-def arithmetic_exercise(rng):
-    """Multi-digit + and - column by column (carries, borrows); * as two partial products."""
-    op = rng.choice("+-*")
-    if op == "*":
-        a, b = rng.randint(10, 999), rng.randint(11, 99)
-        ans, units, tens = a * b, b % 10, b // 10 * 10
-        steps = [f"{a} * {units} = {a * units}", f"{a} * {tens} = {a * tens}", f"{a * units} + {a * tens} = {ans}"]
-    else:
-        a, b = rng.randint(100, 99999), rng.randint(10, 99999)
-        a, b = (b, a) if op == "-" and b > a else (a, b)
-        ans, carry, steps = a + b if op == "+" else a - b, 0, ["Work digit by digit from the right"]
-        da, db = str(a)[::-1], str(b)[::-1]
-        for k in range(max(len(da), len(db))):
-            x, y = (int(d[k]) if k < len(d) else 0 for d in (da, db))
-            if op == "+":
-                s = x + y + carry
-                steps.append(f"{x} + {y} + carry {carry} = {s}, write {s % 10}, carry {s // 10}")
-                carry = s // 10
-            else:
-                d = x - y - carry
-                write = f", borrow 10: write {d + 10}" if d < 0 else f", write {d}"
-                steps.append(f"{x} - {y} - borrow {carry} = {d}" + write)
-                carry = int(d < 0)
-        steps += [f"final carry {carry}"] if carry else []
-    return f"What is {a} {op} {b}?", "", "; ".join(steps) + f". So {a} {op} {b} = {ans}.", str(ans)
-
-
-def count_exercise(rng):
-    """Letters in a made-up word, spelled out with a running count."""
-    word = pseudo_word(rng)
-    letter = rng.choice(word) if rng.random() < 0.85 else rng.choice("hjwxy")  # sometimes absent
-    marks, n = [], 0
-    for c in word:
-        n += c == letter
-        marks.append(f"{c} ({n})" if c == letter else c)
-    q = f"How many times does the letter '{letter}' appear in the word '{word}'?"
-    return q, "", f"Spell it out and count each '{letter}': {', '.join(marks)}. Total: {n}.", str(n)
-
-
-def list_exercise(rng, kind):
-    """Sort (selection, step by step) or reverse a short list of numbers or words."""
-    numeric = rng.random() < 0.5
-    n = rng.randint(3, 7)
-    items = [str(rng.randint(0, 99)) for _ in range(n)] if numeric else rng.sample(WORDS, n)
-    if kind == "reverse":
-        ans = items[::-1]
-        steps = ", ".join(f"{x} (item {len(items) - k})" for k, x in enumerate(ans))
-        reasoning = f"Read the list from the last item to the first: {steps}."
-        return f"Reverse this list: {', '.join(items)}.", "", reasoning, ", ".join(ans)
-    key, rest, steps = int if numeric else str, list(items), []
-    while rest:
-        low = min(rest, key=key)
-        steps.append(f"smallest of {', '.join(rest)} is {low}" if len(rest) > 1 else f"{low} is left")
-        rest.remove(low)
-    q = f"Sort these {'numbers in ascending order' if numeric else 'words alphabetically'}: {', '.join(items)}."
-    reasoning = "Take the smallest remaining item each time: " + "; ".join(steps) + "."
-    return q, "", reasoning, ", ".join(sorted(items, key=key))
-
-
-def rag_exercise(rng):
-    """3-6 <source_N> passages about different made-up entities; the needle sits at a random depth."""
-    fact, question = rng.choice(RAG_FACTS)
-    n = rng.randint(3, 6)
-    entities = list(dict.fromkeys(pseudo_word(rng, 2, 3, title=True) for _ in range(n + 3)))[:n]
-    values = [str(rng.randint(1200, 1950)) if "year" in fact else pseudo_word(rng, 2, 3, title=True) for _ in entities]
-    sources = [f"<source_{k + 1}>\n{fact.format(e=e, a=v)} {rng.choice(FILLER)}\n</source_{k + 1}>"
-               for k, (e, v) in enumerate(zip(entities, values))]
-    depth = rng.randrange(len(entities))
-    e, ans = entities[depth], values[depth]
-    reasoning = f"The question is about {e}. Source {depth + 1} says: {fact.format(e=e, a=ans)} So the answer is {ans}."
-    return question.format(e=e), "\n".join(sources), reasoning, ans
-
-
-EXERCISES = dict(arithmetic=arithmetic_exercise, count=count_exercise, sort=lambda rng: list_exercise(rng, "sort"),
-                 reverse=lambda rng: list_exercise(rng, "reverse"), rag=rag_exercise)
-
-
-def local_synth_rows(n, seed):
-    """The offline twin of SYNTH: n exercises, the five kinds in turn, fully determined by seed."""
-    rng, rows = random.Random(seed), []
-    for i in range(n):
-        kind = list(EXERCISES)[i % len(EXERCISES)]
-        q, constraints, reasoning, ans = EXERCISES[kind](rng)
-        rows.append(dict(synth_id=f"local-{seed}-{i:06d}", exercise=kind, language="en", query=q,
-                         constraints=constraints, synthetic_reasoning=reasoning, synthetic_answer=ans))
-    return rows
-
-
-def in_val(synth_id, val_frac):
-    """Split by a hash of synth_id: stable, and independent of row order."""
-    return int(hashlib.sha1(str(synth_id).encode()).hexdigest()[:8], 16) % 10000 < val_frac * 10000
-
-
 def load_synth(cfg, cache):
     if cfg["nfkc"] or cfg["lowercase"] or cfg["dedupe"]:
         raise PrepareError("--nfkc/--lowercase/--dedupe are for text datasets; synth supports --max_doc_tokens")
     if cfg["source"] not in ("auto", "hf", "local"):
         raise PrepareError(f"--source={cfg['source']!r}; use auto, hf or local")
+    if cfg["calculator"] and cfg["source"] != "local":
+        raise PrepareError("--calculator=True writes the offline twin's arithmetic as tool calls: add --source=local")
     rows = None
     if cfg["source"] != "local":
         path = os.path.join(cache, f"synth-rows-{cfg['language']}.jsonl")
@@ -793,29 +664,29 @@ def load_synth(cfg, cache):
                   "OFFLINE TWIN (--source=local): procedural exercises, not SYNTH.\n" + "!" * 100, file=sys.stderr)
     local = rows is None
     if local:
-        rows, skipped = local_synth_rows(cfg["n_samples"], cfg["seed"]), {}
+        rows, skipped = local_synth_rows(cfg["n_samples"], cfg["seed"], cfg["calculator"]), {}
         source = f"local twin (seed={cfg['seed']})"
-    train, val, val_exercises, dropped = [], [], [], Counter(skipped)
+    train, val, exercises, dropped = [], [], dict(train=[], val=[]), Counter(skipped)
     for row in rows:
         user, assistant = row_to_chat(row)
+        split = "val" if in_val(row["synth_id"], cfg["val_frac"]) else "train"
         if not valid_chat(render_chatml(user, assistant)):
             dropped["invalid_rendering"] += 1
-        elif in_val(row["synth_id"], cfg["val_frac"]):
-            val.append((user, assistant))
-            val_exercises.append(dict(id=row["synth_id"], type=row["exercise"], prompt=user,
-                                      answer=row["synthetic_answer"]))
-        else:
-            train.append((user, assistant))
+            continue
+        (val if split == "val" else train).append((user, assistant))
+        exercises[split].append(dict(id=row["synth_id"], type=row["exercise"], prompt=user, answer=row["synthetic_answer"]))
     val_users = {u for u, _ in val}
     dropped["duplicate_of_val"] += sum(u in val_users for u, _ in train)
     train = [c for c in train if c[0] not in val_users]  # the same question on both sides would leak
+    exercises["train"] = [e for e in exercises["train"] if e["prompt"] not in val_users]
     if not train or not val:
         raise PrepareError(f"synth gave {len(train)} train / {len(val)} val conversations; raise --n_samples")
     print(f"synth: {len(train)} train / {len(val)} val conversations; dropped {dict(dropped)}")
-    files = {"val_exercises.jsonl": "".join(json.dumps(e) + "\n" for e in val_exercises)} if local else {}
+    files = {f"{s}_exercises.jsonl": "".join(json.dumps(e) + "\n" for e in exercises[s]) for s in exercises} if local else {}
     raw = "".join(render_chatml(u, a) for u, a in train + val).encode()
     return dict(train=train, val=val, chat=True, source=source, sha256=sha256_of(raw), files=files,
                 extra=dict(dropped=dict(dropped), exercises=list(EXERCISES) if local else None,
+                           calculator=bool(local and cfg["calculator"]),
                            val_exercises_file="val_exercises.jsonl" if local else None))
 
 
@@ -917,9 +788,9 @@ def prepare(name, cfg):
         docs = dict(train=train, val=val)
     if not "".join(docs["train"]).strip() or not "".join(docs["val"]).strip():
         raise PrepareError(f"{name}: the train or val text is empty after curation ({curation})")
-    specials = SPECIAL_TOKENS if (chat or kind != "char") else ((EOT,) if not single else ())
+    specials = SPECIAL_TOKENS + TOOL_TOKENS if chat else SPECIAL_TOKENS if kind != "char" else (EOT,) if not single else ()
     if cfg["tokenizer_from"]:
-        tok = tokenizer_from(cfg["tokenizer_from"], SPECIAL_TOKENS if chat else (EOT,) if not single else ())
+        tok = tokenizer_from(cfg["tokenizer_from"], SPECIAL_TOKENS + TOOL_TOKENS if chat else (EOT,) if not single else ())
         kind = tok.kind
     else:
         tok = build_tokenizer(kind, docs["train"], cfg, specials)

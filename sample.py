@@ -16,6 +16,8 @@ from collections import Counter
 import torch
 
 from configurator import ConfigError, check_ranges, coerce, configure, die
+from tasks.calculator import OUTPUT_END, OUTPUT_START, TOOL_END, tool_output
+from tasks.verify import check_answer, extract_answer, pass_at_k, verify
 
 # -----------------------------------------------------------------------------
 # decoding strategies: functions on logits (B, V) -> logits (B, V), masked entries set to -inf
@@ -136,9 +138,11 @@ def start_decoding(model, prompt, max_len, kv_cache='contiguous', page_size=256,
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, num_samples=1, strategy='sample', temperature=1.0, seed=None,
              stop_ids=(), on_token=None, kv_cache='contiguous', page_size=256, offload=False, kv_dtype=None,
-             **knobs):
+             tool=None, **knobs):
     """num_samples continuations of `prompt` (list of ids) as one batch: token lists, stop tokens excluded.
-    on_token(row, token) streams each token; True stops that row (stop strings). knobs: see process_logits."""
+    on_token(row, token) streams each token; True stops that row (stop strings). tool(row's tokens) -> ids to
+    append (a tool's output, fed one per step in place of sampling, so the cache and batching stay as they are)
+    or None. knobs: see process_logits."""
     logits, step = start_decoding(model, prompt, len(prompt) + max_new_tokens, kv_cache, page_size, offload,
                                   kv_dtype)
     generator = torch.Generator(device=logits.device)
@@ -146,7 +150,7 @@ def generate(model, prompt, max_new_tokens, num_samples=1, strategy='sample', te
     penalize = knobs.get('frequency_penalty', 0.0) != 0.0 or knobs.get('presence_penalty', 0.0) != 0.0
     counts = torch.zeros(num_samples, logits.size(-1), device=logits.device) if penalize else None
     need_seqs = knobs.get('repetition_penalty', 1.0) != 1.0 or knobs.get('no_repeat_ngram', 0) > 0
-    out = [[] for _ in range(num_samples)]
+    out, forced = [[] for _ in range(num_samples)], [[] for _ in range(num_samples)]
     alive = list(range(num_samples))              # original row of each row of the batch
     rows = torch.zeros(num_samples, dtype=torch.long)  # cache row each row extends: first the one prompt row
     logits = logits.expand(num_samples, -1)
@@ -154,11 +158,15 @@ def generate(model, prompt, max_new_tokens, num_samples=1, strategy='sample', te
         seqs = [prompt + out[r] for r in alive] if need_seqs else None  # O(length) a step: only when used
         logits = process_logits(logits, seqs, counts, temperature, **knobs)
         tokens = choose(logits, strategy, temperature, generator)
+        if any(forced[r] for r in alive):
+            tokens = torch.tensor([forced[r].pop(0) if forced[r] else t for r, t in zip(alive, tokens.tolist())],
+                                  device=tokens.device)
         keep = []
         for i, (r, t) in enumerate(zip(alive, tokens.tolist())):
             if t in stop_ids:
                 continue
             out[r].append(t)
+            forced[r] += (tool(out[r]) or []) if tool else []
             if not (on_token and on_token(r, t)):
                 keep.append(i)
         if counts is not None:
@@ -267,12 +275,6 @@ def beam_search(model, prompt, max_new_tokens, beam_size=4, length_penalty=1.0, 
 # -----------------------------------------------------------------------------
 # self-consistency (Wang et al. 2022): N sampled reasoning paths, majority vote on the final answers
 
-def extract_answer(text):
-    """prepare.extract_answer (the dataset's rule), imported lazily: `import sample` needs no tokenizer deps."""
-    from prepare import extract_answer as extract
-    return extract(text)
-
-
 def majority_vote(answers):
     """(most frequent answer, Counter); a tie goes to the answer that came first, so the vote is deterministic."""
     votes = Counter(answers)
@@ -374,9 +376,16 @@ quantize = 'none'         # none | int8: weight-only int8 Linears (per-row scale
 speculative = 'none'      # none | lookup: greedy with prompt-lookup drafts (the same tokens, fewer forwards)
 draft_len = 8             # lookup: draft tokens checked per forward
 compile = False           # torch.compile the model
-eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin),
-eval_per_type = 20        #   greedy, and --self_consistency=N majority vote; this many exercises per type
+eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin): greedy,
+                          #   and with --self_consistency=N samples: sc@N, verifier@N, pass@1, pass@N
+eval_per_type = 20        # --eval_exercises: this many exercises per type
 eval_data_dir = ''        # --eval_exercises on this data dir's exercises (same tokenizer), e.g. a base model zero-shot
+eval_json = ''            # --eval_exercises: also write the scores to this JSON file
+calculator = True         # run the model's calculator calls (when its tokenizer has the tool tokens); False: the
+                          #   model must write the tool's output itself
+write_pairs = ''          # a data dir: DPO preference pairs sampled on the train exercises, verified (see below)
+pairs_k = 8               # write_pairs: samples per prompt
+pairs_prompts = 0         # write_pairs: use this many train exercises (0 = all)
 # model.INFERENCE_FLAGS, applied to the checkpoint's model_args; None keeps the checkpoint's value. Shape flags
 # (n_layer, vocab_size, ...) are fixed by the trained weights.
 rope_scaling = None       # none | linear | ntk | dynamic | yarn: RoPE context extension (REFERENCE §2.4)
@@ -500,42 +509,136 @@ def run_chat(model, tok, gen, stop_ids):
             return
 
 
-def score_exercises(model, tok, exercises, n_vote=0, **gen):
-    """Exact match per type on exercises {"type", "prompt", "answer"} (prepare.py synth): greedy, and the
-    majority vote of n_vote samples if n_vote > 0. Returns {type: {'n', 'greedy', f'sc@{n_vote}'}}, in [0, 1]."""
-    from prepare import check_answer
+def calculator_tool(tok):
+    """generate's tool hook: after <|tool_end|>, the ids of <|output_start|> result <|output_end|>
+    (tasks.calculator evaluates the expression; a bad one gets an error string, never runs code). None if the
+    tokenizer has no tool tokens."""
+    end = tok.special_tokens.get(TOOL_END)
+    if end is None:
+        return None
+    return lambda seq: tok.encode(tool_output(tok.decode(seq)), allowed_special={OUTPUT_START, OUTPUT_END}) \
+        if seq[-1] == end else None
+
+
+def score_exercises(model, tok, exercises, n=0, **gen):
+    """Exact match per type on exercises {"type", "prompt", "answer"}: greedy, and with n > 0 from n samples in
+    one batch: sc@n (majority vote, Wang et al. 2022), verifier@n (the first sample tasks.verify accepts, else the
+    last; the verifier recomputes the answer from the prompt, it never reads the reference), pass@1 and pass@n
+    (unbiased, Chen et al. 2021). -> {type: {'n', 'greedy', ...}}, fractions in [0, 1]; verifier@n is None for a
+    type the verifier cannot check."""
     stop_ids = [tok.special_tokens['<|im_end|>']] + ([tok.eot_id] if tok.eot_id is not None else [])
     scores = {}
     for ex in exercises:
-        ids = chat_prompt_ids(tok, [], ex['prompt'])
-        s = scores.setdefault(ex['type'], {'n': 0, 'greedy': 0.0, **({f'sc@{n_vote}': 0.0} if n_vote else {})})
+        kind, ids = ex['type'], chat_prompt_ids(tok, [], ex['prompt'])
+        s = scores.setdefault(kind, dict(n=0, greedy=0.0, **({f'sc@{n}': 0.0, f'verifier@{n}': 0.0, 'pass@1': 0.0,
+                                                                 f'pass@{n}': 0.0} if n else {})))
         s['n'] += 1
         out = generate(model, ids, stop_ids=stop_ids, **{**gen, 'strategy': 'greedy', 'num_samples': 1})[0]
-        s['greedy'] += check_answer(ex['type'], extract_answer(tok.decode(out)), ex['answer'])
-        if n_vote:
-            answer = self_consistent_answer(model, tok, ids, n_vote, stop_ids=stop_ids, **gen)[0]
-            s[f'sc@{n_vote}'] += check_answer(ex['type'], answer, ex['answer'])
-    for s in scores.values():
+        s['greedy'] += check_answer(kind, extract_answer(tok.decode(out)), ex['answer'])
+        if n:
+            answers = [extract_answer(tok.decode(o)) for o in
+                       generate(model, ids, num_samples=n, stop_ids=stop_ids, **gen)]
+            correct = [check_answer(kind, a, ex['answer']) for a in answers]
+            accepted = next((i for i, a in enumerate(answers) if verify(kind, ex['prompt'], a)), n - 1)
+            s[f'sc@{n}'] += check_answer(kind, majority_vote(answers)[0], ex['answer'])
+            s[f'verifier@{n}'] += correct[accepted]
+            s['pass@1'] += pass_at_k(n, sum(correct), 1)
+            s[f'pass@{n}'] += pass_at_k(n, sum(correct), n)
+    from tasks.verify import verifiable
+    for kind, s in scores.items():
         s.update({k: v / s['n'] for k, v in s.items() if k != 'n'})
+        if n and not verifiable(kind):
+            s[f'verifier@{n}'] = None
     return scores
 
 
-def run_eval(model, tok, data_dir, gen):
+def read_exercises(data_dir, split, per_type=0):
+    """The exercises of data_dir/{split}_exercises.jsonl, at most per_type of each type (0 = all)."""
     import json
-    path = os.path.join(data_dir, 'val_exercises.jsonl')
+    path = os.path.join(data_dir, f'{split}_exercises.jsonl')
     if not os.path.isfile(path):
         die(f"{path} missing: exercises with checkable answers come from python prepare.py synth --source=local "
             f"or plays_genre")
     by_type = {}
     for line in open(path, encoding='utf-8'):
         ex = json.loads(line)
-        if len(by_type.setdefault(ex['type'], [])) < eval_per_type:
-            by_type[ex['type']].append(ex)
-    scores = score_exercises(model, tok, [e for exs in by_type.values() for e in exs], self_consistency, **gen)
-    cols = ['greedy'] + ([f'sc@{self_consistency}'] if self_consistency else [])
-    print('| type | n | ' + ' | '.join(cols) + ' |')
+        if not per_type or len(by_type.setdefault(ex['type'], [])) < per_type:
+            by_type.setdefault(ex['type'], []).append(ex)
+    return [e for exs in by_type.values() for e in exs]
+
+
+def run_eval(model, tok, data_dir, gen):
+    scores = score_exercises(model, tok, read_exercises(data_dir, 'val', eval_per_type), self_consistency, **gen)
+    cols = [c for c in next(iter(scores.values())) if c != 'n']
+    print(f"calculator {'on' if gen.get('tool') else 'off'}\n| type | n | " + ' | '.join(cols) + ' |')
     for t, s in scores.items():
-        print(f"| {t} | {s['n']} | " + ' | '.join(f'{s[c]:.3f}' for c in cols) + ' |')
+        print(f"| {t} | {s['n']} | " + ' | '.join('-' if s[c] is None else f'{s[c]:.3f}' for c in cols) + ' |')
+    if eval_json:
+        import json
+        from configurator import save_json
+        save_json(eval_json, dict(scores=scores, calculator=bool(gen.get('tool')), n=self_consistency,
+                                  out_dir=out_dir, per_type=eval_per_type))
+
+
+def response_mask(tok, ids):
+    """1 on the tokens the model chose, 0 on a tool's output (<|output_start|> ... <|output_end|>), as
+    prepare.encode_chatml masks the assistant turn."""
+    start, end = tok.special_tokens.get(OUTPUT_START), tok.special_tokens.get(OUTPUT_END)
+    mask, inside = [], False
+    for i in ids:
+        inside = inside or i == start
+        mask.append(int(not inside))
+        inside = inside and i != end
+    return mask
+
+
+def write_preference_pairs(model, tok, data_dir, out, gen):
+    """DPO data (Rafailov et al. 2023): pairs_k samples per train exercise, each checked by tasks.verify; a prompt
+    with a right and a wrong sample gives one pair (chosen = right, rejected = wrong). Rows of equal length
+    (prompt + response + <|im_end|>, padded with <|endoftext|>) and masks on the response, as train.py's
+    objective='dpo' reads them; 10% of the prompts go to val."""
+    import json
+    import random
+    import numpy as np
+    import prepare
+    exercises = read_exercises(data_dir, 'train')[:pairs_prompts or None]
+    end, rng = tok.special_tokens['<|im_end|>'], random.Random(seed)
+    pairs, counts, t0 = [], Counter(), time.time()
+    for k, ex in enumerate(exercises):
+        ids = chat_prompt_ids(tok, [], ex['prompt'])
+        outs = generate(model, ids, num_samples=pairs_k, stop_ids=[end, tok.eot_id], **gen)
+        ok = [verify(ex['type'], ex['prompt'], extract_answer(tok.decode(o))) for o in outs]
+        right, wrong = [o for o, g in zip(outs, ok) if g], [o for o, g in zip(outs, ok) if not g]
+        counts['all right' if not wrong else 'all wrong' if not right else 'paired'] += 1
+        if right and wrong:
+            finish = lambda o: o + [end] if len(o) < gen['max_new_tokens'] else o  # a cut-off sample has no end
+            pairs.append((ids, finish(rng.choice(right)), finish(rng.choice(wrong)), ex['type']))
+        if (k + 1) % 50 == 0 or k + 1 == len(exercises):
+            print(f"\rpairs: {k + 1}/{len(exercises)} prompts, {len(pairs)} pairs, {time.time() - t0:.0f}s",
+                  end='', file=sys.stderr)
+    print(file=sys.stderr)
+    if len(pairs) < 2:
+        die(f"only {len(pairs)} preference pairs from {len(exercises)} prompts ({dict(counts)}): the model must get "
+            f"some samples right and some wrong; raise --pairs_k or --temperature, or train the SFT model longer")
+    row_len = max(len(p) + len(r) for p, c, w, _ in pairs for r in (c, w))
+    rng.shuffle(pairs)
+    n_val = max(1, len(pairs) // 10)
+    splits, masks = {}, {}
+    for split, part in (('val', pairs[:n_val]), ('train', pairs[n_val:])):
+        rows = [(p + r, [0] * len(p) + response_mask(tok, r)) for p, c, w, _ in part for r in (c, w)]
+        splits[split] = np.array([x + [tok.eot_id] * (row_len - len(x)) for x, _ in rows], dtype=np.int64).ravel()
+        masks[split] = np.array([m + [0] * (row_len - len(m)) for _, m in rows], dtype=np.uint8).ravel()
+    meta = json.load(open(os.path.join(data_dir, 'meta.json')))
+    meta.update(dataset=os.path.basename(os.path.abspath(out)), source=f"preference pairs sampled from {out_dir}",
+                pairs=dict(row_len=row_len, pad_id=tok.eot_id, train=len(pairs) - n_val, val=n_val, k=pairs_k,
+                           prompts=dict(counts), types=dict(Counter(t for *_, t in pairs))),
+                train_tokens=int(splits['train'].size), val_tokens=int(splits['val'].size),
+                **{f"{s}_mask_tokens": int(m.sum()) for s, m in masks.items()})
+    for key in ('val_exercises_file', 'bytes_per_token_all'):
+        meta.pop(key, None)
+    prepare.write_dataset(out, tok, splits, masks, meta, {})
+    print(f"{len(pairs)} pairs ({n_val} val) of rows of {row_len} tokens from {len(exercises)} prompts "
+          f"({dict(counts)}) -> {out}")
 
 
 def main(argv=None):
@@ -555,7 +658,8 @@ def main(argv=None):
         ('max_new_tokens', max_new_tokens >= 1, '>= 1'), ('num_samples', num_samples >= 1, '>= 1'),
         ('beam_size', beam_size >= 1, '>= 1'), ('n_best', 1 <= n_best <= beam_size, f'in [1, beam_size={beam_size}]'),
         ('page_size', page_size >= 1, '>= 1'), ('self_consistency', self_consistency >= 0, '>= 0 (0 = off)'),
-        ('eval_per_type', eval_per_type >= 1, '>= 1'), ('draft_len', draft_len >= 1, '>= 1')])
+        ('eval_per_type', eval_per_type >= 1, '>= 1'), ('draft_len', draft_len >= 1, '>= 1'),
+        ('pairs_k', pairs_k >= 2, '>= 2'), ('pairs_prompts', pairs_prompts >= 0, '>= 0 (0 = all)')])
     if speculative != 'none' and (strategy != 'greedy' or kv_cache != 'contiguous' or num_samples != 1 or chat or
                                   prompt or eval_exercises or repetition_penalty != 1 or no_repeat_ngram or
                                   frequency_penalty or presence_penalty):
@@ -582,7 +686,10 @@ def main(argv=None):
     gen = dict(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, seed=seed,
                top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-               no_repeat_ngram=no_repeat_ngram, kv_cache=kv_cache, page_size=page_size, offload=offload, kv_dtype=kv)
+               no_repeat_ngram=no_repeat_ngram, kv_cache=kv_cache, page_size=page_size, offload=offload, kv_dtype=kv,
+               tool=calculator_tool(tok) if calculator else None)
+    if write_pairs:
+        return write_preference_pairs(model, tok, data_dir, write_pairs, gen)
     if eval_exercises:
         return run_eval(model, tok, eval_data_dir or data_dir, gen)
     if chat or prompt:

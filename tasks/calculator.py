@@ -9,6 +9,11 @@ import ast
 import math
 import operator
 
+# Tool-call tokens (special tokens of chat tokenizers; nanochat's python_start/output_start play this part):
+# the model writes TOOL_START expression TOOL_END; the sampler appends OUTPUT_START result OUTPUT_END.
+TOOL_START, TOOL_END, OUTPUT_START, OUTPUT_END = "<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>"
+TOOL_TOKENS = (TOOL_START, TOOL_END, OUTPUT_START, OUTPUT_END)
+
 MAX_CHARS = 200           # longest expression accepted
 MAX_DIGITS = 100          # longest number literal, and the largest result, in decimal digits
 BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -91,3 +96,13 @@ def evaluate(expr):
         return f"error: {e}"
     except (OverflowError, RecursionError, MemoryError):
         return "error: the expression is too large"
+
+
+def tool_output(text):
+    """For generated text ending in TOOL_END: the text the sampler appends (OUTPUT_START result OUTPUT_END), the
+    result being evaluate() of what follows the last TOOL_START. None if the text does not end a call."""
+    if not text.endswith(TOOL_END):
+        return None
+    head, start, expr = text[: -len(TOOL_END)].rpartition(TOOL_START)
+    result = evaluate(expr) if start else "error: a tool call ends without starting"
+    return f"{OUTPUT_START}{result}{OUTPUT_END}"

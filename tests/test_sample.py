@@ -624,24 +624,31 @@ def test_newest_out_checkpoint_when_out_dir_not_given(main, chat_ckpt, tmp_path,
 
 
 def test_exercise_scoring_counts_exact_matches(chat_ckpt, monkeypatch):
-    """score_exercises: per-type exact match, greedy and majority vote, with generation faked so the
-    right answers are known."""
+    """score_exercises: per-type exact match (greedy, majority vote, verifier-gated, pass@k), with generation
+    faked so the right answers are known."""
     import prepare
     import sample
     tok = prepare.load_tokenizer(os.path.join(chat_ckpt, 'synth'))
-    exercises = [{'type': 'arithmetic', 'prompt': 'What is 2+3?', 'answer': '5'},
-                 {'type': 'arithmetic', 'prompt': 'What is 2+4?', 'answer': '6'},
-                 {'type': 'sort', 'prompt': 'Sort 3, 1, 2.', 'answer': '1, 2, 3'}]
-    replies = {'What is 2+3?': ['5', '5', '7'], 'What is 2+4?': ['7', '6', '6'], 'Sort 3, 1, 2.': ['1, 2, 3'] * 3}
+    exercises = [{'type': 'arithmetic', 'prompt': 'What is 2 + 3?', 'answer': '5'},
+                 {'type': 'arithmetic', 'prompt': 'What is 2 + 4?', 'answer': '6'},
+                 {'type': 'sort', 'prompt': 'Sort these numbers in ascending order: 3, 1, 2.', 'answer': '1, 2, 3'},
+                 {'type': 'genre', 'prompt': 'a passage', 'answer': 'comedy'}]
+    replies = {'What is 2 + 3?': ['7', '5', '5'], 'What is 2 + 4?': ['7', '8', '9'],
+               'Sort these numbers in ascending order: 3, 1, 2.': ['1, 2, 3'] * 3, 'a passage': ['tragedy', 'comedy', 'comedy']}
 
     def fake_generate(model, ids, max_new_tokens, num_samples=1, strategy='sample', **kw):
         user = tok.decode(ids).split('user\n')[1].split('<|im_end|>')[0]
         answers = replies[user][:1] if strategy == 'greedy' else replies[user][:num_samples]
         return [tok.encode(f'<think>x</think>\n{a}', allowed_special='all') for a in answers]
     monkeypatch.setattr(sample, 'generate', fake_generate)
-    scores = sample.score_exercises(None, tok, exercises, n_vote=3, max_new_tokens=8, strategy='sample')
-    assert scores['arithmetic'] == {'n': 2, 'greedy': 0.5, 'sc@3': 1.0}
-    assert scores['sort'] == {'n': 1, 'greedy': 1.0, 'sc@3': 1.0}
+    scores = sample.score_exercises(None, tok, exercises, n=3, max_new_tokens=8, strategy='sample')
+    # 2 + 3: greedy wrong, the vote right, the verifier accepts the 2nd sample, 2 of 3 right;
+    # 2 + 4: all wrong, the verifier accepts none and the last sample counts
+    assert scores['arithmetic'] == pytest.approx({'n': 2, 'greedy': 0.0, 'sc@3': 0.5, 'verifier@3': 0.5,
+                                                 'pass@1': 1 / 3, 'pass@3': 0.5})
+    assert scores['sort'] == {'n': 1, 'greedy': 1.0, 'sc@3': 1.0, 'verifier@3': 1.0, 'pass@1': 1.0, 'pass@3': 1.0}
+    assert scores['genre'] == pytest.approx({'n': 1, 'greedy': 0.0, 'sc@3': 1.0, 'verifier@3': None,
+                                            'pass@1': 2 / 3, 'pass@3': 1.0})  # no verifier for genre
 
 
 def test_cli_eval_exercises_prints_a_table(chat_ckpt):

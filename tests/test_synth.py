@@ -1,4 +1,4 @@
-"""prepare.py synth: ChatML rendering, special tokens, loss masks, the offline twin, the rows-API client (faked)."""
+"""prepare.py synth and tasks/synth.py: ChatML rendering, special tokens, loss masks, the offline twin, the rows-API client (faked)."""
 import json, os, re, sys
 
 import numpy as np
@@ -8,15 +8,16 @@ import requests
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prepare  # noqa: E402
 from conftest import FakeResponse  # noqa: E402
+from tasks import synth, verify  # noqa: E402
 
 
 
-SPECIALS = {s: 400 + i for i, s in enumerate(prepare.SPECIAL_TOKENS)}
+SPECIALS = {s: 400 + i for i, s in enumerate(prepare.SPECIAL_TOKENS + prepare.TOOL_TOKENS)}
 
 
 @pytest.fixture(scope="module")
 def bpe():
-    docs = [prepare.render_chatml(*prepare.row_to_chat(r)) for r in prepare.local_synth_rows(200, 0)]
+    docs = [prepare.render_chatml(*synth.row_to_chat(r)) for r in synth.local_synth_rows(200, 0)]
     return prepare.bpe_tokenizer("bpe", prepare.train_bpe(docs, 400), prepare.SPLIT_PATTERN, SPECIALS)
 
 
@@ -29,14 +30,14 @@ def row(i, exercise="math exercise", language="en", **kw):
 # ---------------------------------------------------------------- rendering and masks
 
 def test_row_mapping_rag_constraints_only_for_rag():
-    user, assistant = prepare.row_to_chat(row(1))
+    user, assistant = synth.row_to_chat(row(1))
     assert user == "Question 1?" and assistant == "<think>think 1</think>\nanswer 1"
-    user, _ = prepare.row_to_chat(row(2, exercise="rag"))
+    user, _ = synth.row_to_chat(row(2, exercise="rag"))
     assert user == "Question 2?\n<source_1>\nfact 2\n</source_1>"
     text = prepare.render_chatml(user, assistant)
     assert text == ("<|im_start|>user\nQuestion 2?\n<source_1>\nfact 2\n</source_1><|im_end|>\n"
                     "<|im_start|>assistant\n<think>think 1</think>\nanswer 1<|im_end|>")
-    assert prepare.valid_chat(text)
+    assert synth.valid_chat(text)
     assert prepare.render_chatml("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -45,7 +46,7 @@ def test_row_mapping_rag_constraints_only_for_rag():
     dict(synthetic_reasoning="a </think> b"), dict(synthetic_answer="x<|endoftext|>"),
 ])
 def test_invalid_renderings_are_rejected(bad):
-    assert not prepare.valid_chat(prepare.render_chatml(*prepare.row_to_chat({**row(1), **bad})))
+    assert not synth.valid_chat(prepare.render_chatml(*synth.row_to_chat({**row(1), **bad})))
 
 
 def test_special_tokens_single_ids_survive_save_load(bpe, tmp_path):
@@ -85,8 +86,8 @@ def test_char_tokenizer_chat(tmp_path):
 # ---------------------------------------------------------------- offline twin
 
 def test_twin_deterministic_by_seed():
-    assert prepare.local_synth_rows(50, 7) == prepare.local_synth_rows(50, 7)
-    assert prepare.local_synth_rows(50, 7) != prepare.local_synth_rows(50, 8)
+    assert synth.local_synth_rows(50, 7) == synth.local_synth_rows(50, 7)
+    assert synth.local_synth_rows(50, 7) != synth.local_synth_rows(50, 8)
 
 
 def independent_answer(r):
@@ -109,15 +110,15 @@ def independent_answer(r):
 
 
 def test_twin_every_answer_checks():
-    rows = prepare.local_synth_rows(500, 1337)
-    assert {r["exercise"] for r in rows} == set(prepare.EXERCISES)
+    rows = synth.local_synth_rows(500, 1337)
+    assert {r["exercise"] for r in rows} == set(synth.EXERCISES)
     depths = set()
     for r in rows:
         assert independent_answer(r) == r["synthetic_answer"], r
-        user, assistant = prepare.row_to_chat(r)
-        assert prepare.valid_chat(prepare.render_chatml(user, assistant))
-        pred = prepare.extract_answer(assistant + "<|im_end|>")
-        assert prepare.check_answer(r["exercise"], pred, r["synthetic_answer"])
+        user, assistant = synth.row_to_chat(r)
+        assert synth.valid_chat(prepare.render_chatml(user, assistant))
+        pred = verify.extract_answer(assistant + "<|im_end|>")
+        assert verify.check_answer(r["exercise"], pred, r["synthetic_answer"])
         assert r["synthetic_answer"] in r["synthetic_reasoning"] or r["exercise"] != "arithmetic"
         if r["exercise"] == "rag":
             n = r["constraints"].count("<source_")
@@ -127,11 +128,11 @@ def test_twin_every_answer_checks():
 
 
 def test_extract_and_check_answer():
-    assert prepare.extract_answer("<think>a\nb</think>\n 42 \nmore<|im_end|>junk") == "42"
-    assert prepare.extract_answer("no think tags, just 7") == "no think tags, just 7"
-    assert prepare.check_answer("arithmetic", "1,234", "1234") and not prepare.check_answer("arithmetic", "1235", "1234")
-    assert prepare.check_answer("sort", "3,7 , 19.", "3, 7, 19") and prepare.check_answer("rag", "paris", "Paris")
-    assert not prepare.check_answer("reverse", "1, 2", "2, 1")
+    assert verify.extract_answer("<think>a\nb</think>\n 42 \nmore<|im_end|>junk") == "42"
+    assert verify.extract_answer("no think tags, just 7") == "no think tags, just 7"
+    assert verify.check_answer("arithmetic", "1,234", "1234") and not verify.check_answer("arithmetic", "1235", "1234")
+    assert verify.check_answer("sort", "3,7 , 19.", "3, 7, 19") and verify.check_answer("rag", "paris", "Paris")
+    assert not verify.check_answer("reverse", "1, 2", "2, 1")
 
 
 def test_prepare_synth_local_end_to_end(tmp_path):
@@ -146,8 +147,8 @@ def test_prepare_synth_local_end_to_end(tmp_path):
         mask = np.fromfile(out / f"{split}_mask.bin", dtype=np.uint8)
         assert ids.shape == mask.shape and meta[f"{split}_mask_tokens"] == mask.sum()
         convs = tok.decode(ids).split("<|endoftext|>")[:-1]
-        assert all(prepare.valid_chat(c) for c in convs)
-        users[split] = {prepare.CHAT_RE.fullmatch(c).group(1) for c in convs}
+        assert all(synth.valid_chat(c) for c in convs)
+        users[split] = {synth.CHAT_RE.fullmatch(c).group(1) for c in convs}
         # every counted token lies inside an assistant turn, and every <|im_end|> closing one is counted
         counted = tok.decode(ids[mask == 1])
         assert "<|im_start|>" not in counted and counted.count("<|im_end|>") == len(convs)
@@ -170,7 +171,7 @@ def test_bytes_per_token_averages_over_the_counted_tokens(tmp_path, args):
     ids = np.fromfile(out / "val.bin", dtype=np.uint16)
     mask = np.fromfile(out / "val_mask.bin", dtype=np.uint8)
     text = tok.decode(ids)
-    convs = [prepare.CHAT_RE.fullmatch(c) for c in text.split("<|endoftext|>")[:-1]]
+    convs = [synth.CHAT_RE.fullmatch(c) for c in text.split("<|endoftext|>")[:-1]]
     train_user = "--train_user=True" in args
     # counted: the assistant turn "<think>R</think>\nA<|im_end|>" (+ the user's "U<|im_end|>"); specials: 0 bytes
     counted_bytes = sum(len((c[2] + "\n" + c[3] + (c[1] if train_user else "")).encode()) for c in convs)
@@ -244,7 +245,7 @@ def test_synth_hf_end_to_end_split_by_id(monkeypatch, tmp_path):
     train = tok.decode(np.fromfile(out / "train.bin", dtype=np.uint16))
     val_q = set(re.findall(r"Question (\d+)\?", val))
     assert val_q and not val_q & set(re.findall(r"Question (\d+)\?", train))
-    assert all(prepare.in_val(f"s{q}", 0.2) for q in val_q)
+    assert all(synth.in_val(f"s{q}", 0.2) for q in val_q)
     assert "<source_1>\nfact 0\n</source_1>" in val + train and "fact 1\n" not in val + train  # rag only
 
 
