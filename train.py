@@ -7,6 +7,7 @@ Many processes with DDP (gloo on CPU, nccl on GPU), or FSDP when the model does 
 Every global below is a config key (see `python train.py --help`), and so is every field of
 GPTConfig in model.py: a model flag is set with `--pos_emb=rope` and needs no code here.
 """
+import copy
 import json
 import math
 import os
@@ -37,6 +38,7 @@ early_stop_patience = 0   # stop after N evals without val improvement; 0 = neve
 # data
 dataset = 'plays'         # data/<dataset>/ made by `python prepare.py <dataset>`
 data_dir = ''             # overrides data/<dataset>
+mask_loss = True          # False: ignore train_mask.bin/val_mask.bin, every token counts (pretraining on chat text)
 batch_size = 12           # micro-batch size per process
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all processes
 tokens_per_step = 0       # if > 0, derive gradient_accumulation_steps from this global batch in tokens
@@ -49,6 +51,8 @@ dropout = 0.0
 bias = False
 dropout_schedule = ()     # (initial, final, at_progress): switch every dropout at that fraction of training
 label_smoothing = 0.0
+objective = 'lm'          # lm | dpo (preference pairs from a pairs data dir; reference = the starting weights, frozen)
+dpo_beta = 0.1            # dpo: how far the policy may move from the reference (REFERENCE §16.4: 0.01-0.5)
 # optimizer: AdamW (or SGD) with decay on matrices only
 optimizer = 'adamw'       # adamw | sgd (momentum, nesterov off; its weight decay is L2, coupled to the gradient)
                           # | muon (block matrices; AdamW for embeddings, head, norms, biases)
@@ -95,8 +99,14 @@ check_ranges(globals(), [
     ('warmup_iters', warmup_iters >= 0, '>= 0'), ('warmup_frac', 0 <= warmup_frac < 1, 'in [0, 1)'),
     ('dropout', 0 <= dropout < 1, 'in [0, 1)'),
     ('weight_decay', weight_decay >= 0, '>= 0'), ('grad_clip', grad_clip >= 0, '>= 0 (0 = off)'),
-    ('early_stop_patience', early_stop_patience >= 0, '>= 0 (0 = off)')
+    ('early_stop_patience', early_stop_patience >= 0, '>= 0 (0 = off)'),
+    ('objective', objective in ('lm', 'dpo'), 'lm or dpo'), ('dpo_beta', dpo_beta > 0, '> 0'),
 ])
+dpo = objective == 'dpo'
+check_ranges(globals(), [(k, not dpo or ok, f'{rule} with objective=dpo') for k, ok, rule in [
+    ('init_from', init_from != 'scratch', 'a trained model (the frozen reference): an SFT run dir, a ckpt.pt or gpt2*'),
+    ('fsdp', not fsdp, 'False (DDP only: the reference is not sharded)'), ('mask_loss', mask_loss, 'True'),
+    ('n_soft_prompt', not n_soft_prompt, '0 (use lora_rank: the reference is the model with its adapters off)')]])
 
 
 # distributed setup -------------------------------------------------------------
@@ -200,6 +210,9 @@ if ckpt_args is not None:
     changed = [f"{k} {ckpt_args[k]!r} -> {config[k]!r}" for k in RUNTIME_FLAGS if config[k] != ckpt_args[k]]
     if changed and master:
         print(f"{init_from}: runtime flags from the command line: {', '.join(changed)}")
+if checkpoint and checkpoint['config'].get('objective', 'lm') != objective:
+    die(f"{ckpt_path} was trained with objective={checkpoint['config'].get('objective', 'lm')}: resume with it")
+dpo_base = checkpoint.get('dpo_base') if checkpoint else base_ref  # dpo: where the reference's weights are
 adapters = lora_rank > 0 or n_soft_prompt > 0  # LoRA / prompt tuning: the base is frozen, only these train
 if adapters and init_from == 'scratch' and master:
     print("warning: lora_rank or n_soft_prompt with init_from=scratch trains adapters on frozen random weights; "
@@ -220,6 +233,13 @@ try:
 except (ValueError, KeyError, TypeError) as e:
     die(f"{meta_path} is not a valid meta.json ({type(e).__name__}: {e}); re-run: python prepare.py {dataset}")
 vocab_size = config['vocab_size'] = meta['vocab_size']  # the tokenizer decides the vocabulary
+if dpo and 'pairs' not in meta:
+    die(f"objective=dpo needs a pairs data dir (meta.json 'pairs'), {data_dir} is not one; write one with: "
+        f"python sample.py --out_dir=SFT_RUN --write_pairs=data/NAME")
+row_len = meta['pairs']['row_len'] if dpo else 0  # a pair = rows 2i (chosen) and 2i+1 (rejected) of row_len tokens
+if dpo and seq_len < row_len - 1:
+    die(f"block_size={block_size} is shorter than the pairs' rows: {data_dir} has row_len={row_len}, "
+        f"so block_size must be >= {row_len - 1}")
 if ckpt_args is not None and (vocab_size < ckpt_args['vocab_size'] or checkpoint and vocab_size != ckpt_args['vocab_size']):
     die(f"{data_dir} has vocab_size={vocab_size} but {base_ref['path'] if base_ref else ckpt_path} has "
         f"{ckpt_args['vocab_size']}: tokenize the data with the base model's tokenizer (python prepare.py NAME " +
@@ -228,15 +248,20 @@ splits = {}
 for split in ('train', 'val'):
     tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.dtype(meta['dtype']), mode='r')
     mask_path = os.path.join(data_dir, f'{split}_mask.bin')
-    mask = np.memmap(mask_path, dtype=np.uint8, mode='r') if os.path.isfile(mask_path) else None
-    if len(tokens) <= seq_len + 1:
+    has_mask = os.path.isfile(mask_path)
+    mask = np.memmap(mask_path, dtype=np.uint8, mode='r') if has_mask and mask_loss else None
+    if dpo and (mask is None or not len(tokens) or len(tokens) % (2 * row_len)):
+        die(f"{split} split of {data_dir} is not pairs of rows of row_len={row_len} tokens with a {split}_mask.bin; "
+            f"write it again with: python sample.py --out_dir=SFT_RUN --write_pairs={data_dir}")
+    if not dpo and len(tokens) <= seq_len + 1:
         die(f"{split} split of '{dataset}' has {len(tokens)} tokens, fewer than the window+2="
             f"{seq_len + 2}; lower --block_size or use more data")
     splits[split] = (tokens, mask)
     if master:
-        counted = f", {int(mask.sum()):,} counted by the loss mask" if mask is not None else ""
+        counted = f", {int(mask.sum()):,} counted by the loss mask" if mask is not None else \
+            f", {split}_mask.bin ignored (mask_loss=False): every token counts" if has_mask else ""
         print(f"{split}: {len(tokens):,} tokens{counted}")
-tokens_per_iter = gradient_accumulation_steps * batch_size * seq_len  # one optimizer step, all processes
+tokens_per_iter = gradient_accumulation_steps * batch_size * (2 * (row_len - 1) if dpo else seq_len)  # all processes
 if max_epochs > 0:  # an epoch = the train tokens once, in global steps of tokens_per_iter
     iters_per_epoch = max(1, len(splits['train'][0]) // tokens_per_iter)
     max_iters = config['max_iters'] = math.ceil(max_epochs * iters_per_epoch)
@@ -253,28 +278,32 @@ if int(splits['val'][0][:100_000].max()) >= vocab_size:
     die(f"token ids in {data_dir} exceed vocab_size={vocab_size}; re-run prepare.py")
 
 
-def get_batch(split, ix):
-    """Windows starting at offsets ix -> (x, y, loss_mask or None) on the device."""
+def get_batch(split, ix, n=seq_len):
+    """Windows of n tokens starting at offsets ix -> (x, y, loss_mask or None) on the device."""
     tokens, mask = splits[split]
-    x = torch.stack([torch.from_numpy(tokens[i:i + seq_len].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + seq_len].astype(np.int64)) for i in ix])
+    x = torch.stack([torch.from_numpy(tokens[i:i + n].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + n].astype(np.int64)) for i in ix])
     m = None  # mask[i+1] says whether target token i+1 counts
     if mask is not None:
-        m = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + seq_len].astype(np.float32)) for i in ix])
+        m = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + n].astype(np.float32)) for i in ix])
     if device_type == 'cuda':  # pinned host memory: the copies run asynchronously
         return tuple(t if t is None else t.pin_memory().to(device, non_blocking=True) for t in (x, y, m))
     return tuple(t if t is None else t.to(device) for t in (x, y, m))
 
 
-# One generator for the data, identical on every rank: each step draws the offsets of the whole
+def num_starts(split):
+    """What a batch draws from: window offsets, or pair indices for dpo."""
+    return len(splits[split][0]) // (2 * row_len) if dpo else len(splits[split][0]) - seq_len - 1
+
+
+# One generator for the data, identical on every rank: each step draws the offsets (dpo: pairs) of the whole
 # global batch and a rank takes its slice, so N processes see exactly the batches 1 process sees,
 # and its state in the checkpoint is the data position for an exact resume.
 data_gen = torch.Generator().manual_seed(seed)
 
 
 def draw_offsets():
-    high = len(splits['train'][0]) - seq_len - 1
-    ix = torch.randint(high, (gradient_accumulation_steps, batch_size), generator=data_gen)
+    ix = torch.randint(num_starts('train'), (gradient_accumulation_steps, batch_size), generator=data_gen)
     return ix[rank * micro_steps:(rank + 1) * micro_steps].tolist()
 
 
@@ -413,6 +442,14 @@ if checkpoint is not None:
         print(f"resumed from {ckpt_path} at iter {iter_num}")
 checkpoint = None  # free memory
 
+# DPO's reference: the starting weights, frozen (REFERENCE §16.4). With LoRA the model itself with its adapters off,
+# no second copy; else a copy made before training, its weights re-loaded from the base when resuming.
+ref_model = copy.deepcopy(model).eval().requires_grad_(False) if dpo and not lora_rank else None
+if ref_model and init_from == 'resume':
+    ref_model.load_state_dict(load_base_state(dpo_base, vocab_size, block_size))
+if dpo and master:
+    print(f"dpo: beta {dpo_beta}, reference = {dpo_base['path']} ({'adapters off' if lora_rank else 'frozen copy'})")
+
 raw_model = model  # the unwrapped model: what we save and what exposes helpers
 if compile:
     model = torch.compile(model)
@@ -440,31 +477,55 @@ def get_dropout(it):
     return initial if it < at * max_iters else final
 
 
+def sequence_logprobs(net, x, y, m):
+    """log p(response | prompt) per row: log-softmax (fp32) of each target, summed over the counted ones."""
+    logits, _ = net(x)
+    return (torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1) * m).sum(-1)
+
+
+def dpo_loss(net, split, ix):
+    """DPO (Rafailov et al. 2023; REFERENCE §16.4) on the pairs ix: rewards r = beta (log pi - log ref), loss
+    -log sigmoid(r_w - r_l); the reference runs without grad and in eval mode (no dropout). Returns the loss (+ the
+    MoE terms when training, as GPT.forward adds them) and [accuracy (r_w > r_l), margin r_w - r_l, r_w, r_l]."""
+    rows = [r * row_len for i in ix for r in (2 * i, 2 * i + 1)]  # chosen, rejected, chosen, ...
+    x, y, m = get_batch(split, rows, row_len - 1)
+    training = raw_model.training
+    with torch.no_grad(), nullcontext() if ref_model else raw_model.lora_disabled():
+        ref = sequence_logprobs(ref_model or raw_model.eval(), x, y, m)
+    raw_model.train(training)
+    r = dpo_beta * (sequence_logprobs(net, x, y, m) - ref)  # after the reference: MoE stats are the policy's
+    margin = r[0::2] - r[1::2]
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    if (moe := raw_model.moe_layers) and raw_model.training:
+        loss = loss + raw_model.moe_aux_coef * torch.stack([b.aux_loss for b in moe]).mean() + \
+            raw_model.moe_z_coef * torch.stack([b.z_loss for b in moe]).mean()
+    return loss, torch.stack([(margin > 0).float().mean(), margin.mean(), r[0::2].mean(), r[1::2].mean()]).detach()
+
+
 @torch.no_grad()
 def estimate_loss():
-    """Mean cross-entropy per split over eval_iters fixed batches, shared out across ranks; MoE aux terms are
-    averaged beside it ('val_moe_aux', ...), never into it. Under FSDP every forward is collective (it gathers
-    the shards), so every rank runs the same number of batches: the padding ones are not counted."""
+    """Mean cross-entropy (dpo: DPO loss) per split over eval_iters fixed batches, shared out across ranks; MoE aux
+    terms and DPO's statistics are averaged beside it ('val_moe_aux', 'val_dpo_acc', ...), never into it. Under FSDP
+    every forward is collective (it gathers the shards), so every rank runs the same number of batches: the padding
+    ones are not counted."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
         gen = torch.Generator().manual_seed(seed + 1)  # the same batches at every eval
-        high = len(splits[split][0]) - seq_len - 1
-        total = torch.zeros(2 + len(aux_names), device=device)  # sum of losses, batches, aux terms
+        total = torch.zeros(2 + len(aux_names) + len(dpo_names), device=device)  # sum of losses, batches, the rest
         for k in range(-(-eval_iters // world_size) * world_size if fsdp else eval_iters):
-            ix = torch.randint(high, (batch_size,), generator=gen).tolist()
+            ix = torch.randint(num_starts(split), (batch_size,), generator=gen).tolist()
             if k % world_size != rank:
                 continue
-            x, y, m = get_batch(split, ix)
             with ctx:
-                _, loss = raw_model(x, y, loss_mask=m)
+                loss, stats = dpo_loss(raw_model, split, ix) if dpo else (raw_model(*get_batch(split, ix))[1], [])
             if k < eval_iters:
                 aux = [raw_model.aux_losses[n].float() for n in aux_names]
-                total += torch.stack([loss.float(), torch.ones((), device=device), *aux])
+                total += torch.stack([loss.float(), torch.ones((), device=device), *aux, *stats])
         if ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
-        out.update({f'{split}_{n}': (total[2 + i] / total[1]).item() for i, n in enumerate(aux_names)})
+        out.update({f'{split}_{n}': (total[2 + i] / total[1]).item() for i, n in enumerate(aux_names + dpo_names)})
     model.train()
     return out
 
@@ -480,6 +541,8 @@ def checkpoint_state():
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict())
     if adapters and base_ref:  # megabytes, not the model: the adapters and where their frozen base is
         state.update(model={k: state['model'][k] for k in raw_model.adapter_parameters()}, adapter_base=base_ref)
+    if dpo:
+        state['dpo_base'] = dpo_base  # the reference's weights
     return dict(state, fsdp=fsdp, **all_rng_states())
 
 
@@ -536,6 +599,7 @@ flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / world_size  # p
 peak = peak_flops(device, ptdtype) if master else None  # of one device, in the training dtype
 bytes_per_token = meta.get('bytes_per_token') or 0  # of the tokens the loss counts (prepare.py)
 aux_names = ['moe_aux', 'moe_z'] if raw_model.moe_layers else []
+dpo_names = ['dpo_acc', 'dpo_margin', 'dpo_chosen', 'dpo_rejected'] if dpo else []  # chosen/rejected: mean rewards
 
 
 def log(record):
@@ -577,7 +641,8 @@ while True:
 
     if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and not profile and iter_num != resumed_at:
         losses = estimate_loss()
-        val_bpb = losses['val'] / math.log(2) / bytes_per_token if bytes_per_token else None
+        val_bpb = losses['val'] / math.log(2) / bytes_per_token if bytes_per_token and not dpo else None
+        val_ppl = None if dpo else math.exp(min(losses['val'], 50))  # neither means anything for DPO's loss
         improved = losses['val'] < best_val_loss
         if improved:
             best_val_loss, evals_without_improvement = losses['val'], 0
@@ -586,11 +651,11 @@ while True:
         saving = iter_num > 0 and not eval_only and (improved or always_save_checkpoint)
         state = checkpoint_state() if saving else None  # gathered on every rank, saved by rank 0
         if master:
-            bpb = f", val bpb {val_bpb:.4f}" if val_bpb else ""
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                  f"val ppl {math.exp(min(losses['val'], 50)):.2f}{bpb}")
+            more = f", val dpo acc {losses['val_dpo_acc']:.3f}, margin {losses['val_dpo_margin']:.4f}" if dpo else \
+                f", val ppl {val_ppl:.2f}" + (f", val bpb {val_bpb:.4f}" if val_bpb else "")
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{more}")
             log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
-                 'val_ppl': math.exp(min(losses['val'], 50)), 'val_bpb': val_bpb, 'lr': lr,
+                 'val_ppl': val_ppl, 'val_bpb': val_bpb, 'lr': lr,
                  'dropout': current_dropout, 'time': time.time() - t_start,
                  **{k: v for k, v in losses.items() if k not in ('train', 'val')},
                  'moe_load': [s['load'] for s in raw_model.moe_stats()]})
@@ -610,15 +675,19 @@ while True:
 
     # one optimizer step: micro_steps forward/backward passes, gradients synced on the last one
     offsets = draw_offsets()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, dpo_sum = torch.zeros((), device=device), torch.zeros(len(dpo_names), device=device)
     for micro_step in range(micro_steps):
         if fsdp:
             model.set_requires_gradient_sync(micro_step == micro_steps - 1)
         elif ddp:
             model.require_backward_grad_sync = micro_step == micro_steps - 1
-        x, y, m = get_batch('train', offsets[micro_step])
         with ctx:
-            _, loss = model(x, y, loss_mask=m, label_smoothing=label_smoothing)
+            if dpo:
+                loss, stats = dpo_loss(model, 'train', offsets[micro_step])
+                dpo_sum += stats / micro_steps
+            else:
+                x, y, m = get_batch('train', offsets[micro_step])
+                _, loss = model(x, y, loss_mask=m, label_smoothing=label_smoothing)
             loss = loss / gradient_accumulation_steps * world_size  # DDP and FSDP average over ranks
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -647,18 +716,20 @@ while True:
     dt, t0 = t1 - t0, t1
     iter_num += 1
     if iter_num % log_interval == 0:
+        sums = torch.cat([loss_sum[None], dpo_sum])
         if ddp:
-            dist.all_reduce(loss_sum)  # gloo has no AVG
-        lossf = loss_sum.item() / world_size
+            dist.all_reduce(sums)  # gloo has no AVG
+        lossf, *dpo_means = (sums / world_size).tolist()
+        dpo_stats = dict(zip(dpo_names, dpo_means))
         if master:
             tok_s = tokens_per_iter / dt
             mfu = flops_per_iter / dt / peak if iter_num > 1 else None  # step 1 includes warm-up: no measurement
-            aux = ''.join(f", {k} {float(v):.4f}" for k, v in raw_model.aux_losses.items())
+            aux = ''.join(f", {k} {float(v):.4f}" for k, v in {**raw_model.aux_losses, **dpo_stats}.items())
             print(f"iter {iter_num}: loss {lossf:.4f}{aux}, grad norm {grad_norm:.3f}, lr {lr:.2e}, "
                   f"{dt * 1000:.1f} ms, {tok_s:,.0f} tok/s, mfu " + ('-' if mfu is None else f"{mfu * 100:.2f}%"))
             log({'iter': iter_num, 'loss': lossf, 'grad_norm': grad_norm, 'lr': lr, 'dropout': current_dropout,
                  'ms': dt * 1000, 'tok_s': tok_s, 'mfu': mfu, 'peak_flops': peak, 'time': t1 - t_start,
-                 **{k: float(v) for k, v in raw_model.aux_losses.items()}})
+                 **{k: float(v) for k, v in raw_model.aux_losses.items()}, **dpo_stats})
 
 if prof is not None:
     prof.stop()
