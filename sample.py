@@ -603,16 +603,20 @@ def write_preference_pairs(model, tok, data_dir, out, gen):
     import prepare
     exercises = read_exercises(data_dir, 'train')[:pairs_prompts or None]
     end, rng = tok.special_tokens['<|im_end|>'], random.Random(seed)
+    max_len = (model.config.block_size if model is not None else 10 ** 9) + 1
     pairs, counts, t0 = [], Counter(), time.time()
     for k, ex in enumerate(exercises):
         ids = chat_prompt_ids(tok, [], ex['prompt'])
         outs = generate(model, ids, num_samples=pairs_k, stop_ids=[end, tok.eot_id], **gen)
         ok = [verify(ex['type'], ex['prompt'], extract_answer(tok.decode(o))) for o in outs]
-        right, wrong = [o for o, g in zip(outs, ok) if g], [o for o, g in zip(outs, ok) if not g]
-        counts['all right' if not wrong else 'all wrong' if not right else 'paired'] += 1
+        finish = lambda o: o + [end] if len(o) < gen['max_new_tokens'] else o  # a cut-off sample has no end
+        fits = lambda o: len(ids) + len(o) <= max_len  # DPO trains on whole rows: block_size + 1 tokens at most
+        right = [finish(o) for o, g in zip(outs, ok) if g and fits(finish(o))]
+        wrong = [finish(o) for o, g in zip(outs, ok) if not g and fits(finish(o))]
+        counts['paired' if right and wrong else 'too long' if any(ok) and not all(ok) else
+               'all right' if all(ok) else 'all wrong'] += 1
         if right and wrong:
-            finish = lambda o: o + [end] if len(o) < gen['max_new_tokens'] else o  # a cut-off sample has no end
-            pairs.append((ids, finish(rng.choice(right)), finish(rng.choice(wrong)), ex['type']))
+            pairs.append((ids, rng.choice(right), rng.choice(wrong), ex['type']))
         if (k + 1) % 50 == 0 or k + 1 == len(exercises):
             print(f"\rpairs: {k + 1}/{len(exercises)} prompts, {len(pairs)} pairs, {time.time() - t0:.0f}s",
                   end='', file=sys.stderr)
