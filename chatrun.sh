@@ -35,7 +35,7 @@ common=(--data_dir="$DATA" --log_interval=50)
 
 stage "data"
 if [ -f "$DATA/meta.json" ] && [ "$DRY" = 0 ]; then echo "$DATA already prepared"
-else run python prepare.py synth --source=local --calculator=True --out="$DATA"; fi
+else run python prepare.py synth --source=local --calculator=True --n_samples="${N_SAMPLES:-20000}" --out="$DATA"; fi
 
 stage "pretrain: every token counts (mask_loss=False), $PRE iterations"
 run python train.py "${MODEL[@]}" "${common[@]}" --out_dir="$OUT/base" --mask_loss=False \

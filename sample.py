@@ -574,10 +574,9 @@ def run_eval(model, tok, data_dir, gen):
     for t, s in scores.items():
         print(f"| {t} | {s['n']} | " + ' | '.join('-' if s[c] is None else f'{s[c]:.3f}' for c in cols) + ' |')
     if eval_json:
-        import json
         from configurator import save_json
-        save_json(eval_json, dict(scores=scores, calculator=bool(gen.get('tool')), n=self_consistency,
-                                  out_dir=out_dir, per_type=eval_per_type))
+        save_json(dict(scores=scores, calculator=bool(gen.get('tool')), n=self_consistency, out_dir=out_dir,
+                       per_type=eval_per_type), eval_json)
 
 
 def response_mask(tok, ids):

@@ -81,7 +81,7 @@ def arithmetic_exercise(rng, calculator=False):
         steps += [f"final carry {carry}"] if carry else []
     if calculator:
         call = f"{TOOL_START}{a} {op} {b}{TOOL_END}{OUTPUT_START}{calculator_eval(f'{a} {op} {b}')}{OUTPUT_END}"
-        return f"What is {a} {op} {b}?", "", f"Use the calculator: {call} So {a} {op} {b} = {ans}.", str(ans)
+        return f"What is {a} {op} {b}?", "", f"Use the calculator: {call}", str(ans)  # the answer copies the output
     return f"What is {a} {op} {b}?", "", "; ".join(steps) + f". So {a} {op} {b} = {ans}.", str(ans)
 
 

@@ -2,6 +2,7 @@
 exhaustive search, the length-penalty case, diversity (self-BLEU), self-consistency, ChatML, the CLI."""
 import ast
 import itertools
+import json
 import math
 import os
 import re
@@ -651,10 +652,13 @@ def test_exercise_scoring_counts_exact_matches(chat_ckpt, monkeypatch):
                                             'pass@1': 2 / 3, 'pass@3': 1.0})  # no verifier for genre
 
 
-def test_cli_eval_exercises_prints_a_table(chat_ckpt):
+def test_cli_eval_exercises_prints_a_table(chat_ckpt, tmp_path):
     r = run_cli(f'--out_dir={chat_ckpt}', '--eval_exercises=True', '--eval_per_type=1', '--max_new_tokens=4',
-                '--self_consistency=2')
+                '--self_consistency=2', f'--eval_json={tmp_path / "eval.json"}')
     assert r.returncode == 0, r.stderr
+    saved = json.load(open(tmp_path / 'eval.json'))
+    assert saved['n'] == 2 and saved['calculator'] is True  # the twin's tokenizer has the tool tokens
+    assert set(next(iter(saved['scores'].values()))) == {'n', 'greedy', 'sc@2', 'verifier@2', 'pass@1', 'pass@2'}
     rows = [line for line in r.stdout.splitlines() if line.startswith('| ') and 'type' not in line]
     types = [row.split('|')[1].strip() for row in rows]  # 100 tiny samples: not every type reaches val
     assert types and set(types) <= {'arithmetic', 'count', 'sort', 'reverse', 'rag'}
