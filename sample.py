@@ -553,18 +553,20 @@ def score_exercises(model, tok, exercises, n=0, **gen):
 
 
 def read_exercises(data_dir, split, per_type=0):
-    """The exercises of data_dir/{split}_exercises.jsonl, at most per_type of each type (0 = all)."""
+    """The exercises of data_dir/{split}_exercises.jsonl in file order (the twin's types take turns), at most
+    per_type of each type (0 = all)."""
     import json
     path = os.path.join(data_dir, f'{split}_exercises.jsonl')
     if not os.path.isfile(path):
         die(f"{path} missing: exercises with checkable answers come from python prepare.py synth --source=local "
             f"or plays_genre")
-    by_type = {}
+    out, seen = [], Counter()
     for line in open(path, encoding='utf-8'):
         ex = json.loads(line)
-        if not per_type or len(by_type.setdefault(ex['type'], [])) < per_type:
-            by_type.setdefault(ex['type'], []).append(ex)
-    return [e for exs in by_type.values() for e in exs]
+        seen[ex['type']] += 1
+        if not per_type or seen[ex['type']] <= per_type:
+            out.append(ex)
+    return out
 
 
 def run_eval(model, tok, data_dir, gen):
@@ -637,9 +639,10 @@ def write_preference_pairs(model, tok, data_dir, out, gen):
                            prompts=dict(counts), types=dict(Counter(t for *_, t in pairs))),
                 train_tokens=int(splits['train'].size), val_tokens=int(splits['val'].size),
                 **{f"{s}_mask_tokens": int(m.sum()) for s, m in masks.items()})
-    for key in ('val_exercises_file', 'bytes_per_token_all'):
-        meta.pop(key, None)
-    prepare.write_dataset(out, tok, splits, masks, meta, {})
+    meta.pop('bytes_per_token_all', None)
+    val_ex = os.path.join(data_dir, 'val_exercises.jsonl')  # so --eval_exercises works on the DPO run too
+    prepare.write_dataset(out, tok, splits, masks, meta,
+                          {'val_exercises.jsonl': open(val_ex, encoding='utf-8').read()} if os.path.isfile(val_ex) else {})
     print(f"{len(pairs)} pairs ({n_val} val) of rows of {row_len} tokens from {len(exercises)} prompts "
           f"({dict(counts)}) -> {out}")
 

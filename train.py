@@ -53,6 +53,7 @@ dropout_schedule = ()     # (initial, final, at_progress): switch every dropout 
 label_smoothing = 0.0
 objective = 'lm'          # lm | dpo (preference pairs from a pairs data dir; reference = the starting weights, frozen)
 dpo_beta = 0.1            # dpo: how far the policy may move from the reference (REFERENCE §16.4: 0.01-0.5)
+dpo_nll = 0.0             # dpo: + this x the chosen responses' NLL per token (Pang et al. 2024): keeps chosen likely
 # optimizer: AdamW (or SGD) with decay on matrices only
 optimizer = 'adamw'       # adamw | sgd (momentum, nesterov off; its weight decay is L2, coupled to the gradient)
                           # | muon (block matrices; AdamW for embeddings, head, norms, biases)
@@ -100,7 +101,7 @@ check_ranges(globals(), [
     ('dropout', 0 <= dropout < 1, 'in [0, 1)'),
     ('weight_decay', weight_decay >= 0, '>= 0'), ('grad_clip', grad_clip >= 0, '>= 0 (0 = off)'),
     ('early_stop_patience', early_stop_patience >= 0, '>= 0 (0 = off)'),
-    ('objective', objective in ('lm', 'dpo'), 'lm or dpo'), ('dpo_beta', dpo_beta > 0, '> 0'),
+    ('objective', objective in ('lm', 'dpo'), 'lm or dpo'), ('dpo_beta', dpo_beta > 0, '> 0'), ('dpo_nll', dpo_nll >= 0, '>= 0'),
 ])
 dpo = objective == 'dpo'
 check_ranges(globals(), [(k, not dpo or ok, f'{rule} with objective=dpo') for k, ok, rule in [
@@ -493,9 +494,12 @@ def dpo_loss(net, split, ix):
     with torch.no_grad(), nullcontext() if ref_model else raw_model.lora_disabled():
         ref = sequence_logprobs(ref_model or raw_model.eval(), x, y, m)
     raw_model.train(training)
-    r = dpo_beta * (sequence_logprobs(net, x, y, m) - ref)  # after the reference: MoE stats are the policy's
+    policy = sequence_logprobs(net, x, y, m)  # after the reference: MoE stats are the policy's
+    r = dpo_beta * (policy - ref)
     margin = r[0::2] - r[1::2]
     loss = -torch.nn.functional.logsigmoid(margin).mean()
+    if dpo_nll:  # DPO alone can lower both log-probs; the chosen NLL holds them up (IRPO, Pang et al. 2024)
+        loss = loss - dpo_nll * (policy[0::2] / m[0::2].sum(-1).clamp(min=1)).mean()
     if (moe := raw_model.moe_layers) and raw_model.training:
         loss = loss + raw_model.moe_aux_coef * torch.stack([b.aux_loss for b in moe]).mean() + \
             raw_model.moe_z_coef * torch.stack([b.z_loss for b in moe]).mean()

@@ -13,7 +13,7 @@ def commands(*args, **env):
 
 
 def test_the_cpu_chain_is_data_pretrain_sft_pairs_dpo():
-    cmds = commands(OUT='o', DATA='d')
+    cmds = commands(OUT='o', DATA='d', SEEDS='1')
     scripts = [c[1] for c in cmds]
     assert scripts == ['prepare.py', 'train.py', 'train.py', 'sample.py', 'train.py']
     data, pre, sft, pairs, dpo = cmds

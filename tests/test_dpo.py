@@ -280,3 +280,24 @@ def test_ddp_two_processes_match_one_process(setup, tmp_path):
         for k in ('loss', 'dpo_margin', 'val_loss', 'val_dpo_margin'):
             if k in x:
                 assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), k
+
+
+def test_dpo_nll_adds_the_chosen_nll_per_token(setup, tmp_path):
+    """dpo_nll=c: the step-0 loss is log 2 + c x the chosen responses' mean NLL per token (the reference's, since
+    pi = ref), and training with it keeps the chosen log-probs higher than DPO alone does."""
+    out = tmp_path / 'nll'
+    run_train(dpo_args(setup, out, '--max_iters=0', '--eval_interval=5', '--dpo_nll=0.5'))
+    base, _ = GPT.from_checkpoint(os.path.join(setup[1], 'ckpt.pt'))
+    mask = np.fromfile(os.path.join(setup[2], 'val_mask.bin'), np.uint8).reshape(-1, ROW_LEN)[0::2, 1:].sum(1)
+    bw, _ = pair_logprobs(base, setup[2])
+    gen, ix = torch.Generator().manual_seed(1337 + 1), []
+    for _ in range(2):  # train.py's fixed eval batches (eval_iters=2 x batch_size=4, TINY)
+        ix += torch.randint(len(bw), (4,), generator=gen).tolist()
+    nll = (-bw / torch.from_numpy(mask).float())[ix].mean().item()
+    assert evals(out)[0]['val_loss'] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
+    chosen = {}
+    for c in ('0', '1'):
+        run_train(dpo_args(setup, tmp_path / c, '--max_iters=10', '--eval_interval=10', '--learning_rate=3e-3',
+                           f'--dpo_nll={c}'))
+        chosen[c] = pair_logprobs(GPT.from_checkpoint(str(tmp_path / c / 'ckpt.pt'))[0], setup[2])[0].mean()
+    assert chosen['1'] > chosen['0']

@@ -141,6 +141,8 @@ def test_preference_pairs_are_rows_of_prompt_and_response_with_masks(calc_data, 
     meta = json.load(open(os.path.join(out, 'meta.json')))
     p = meta['pairs']
     assert p['train'] + p['val'] == 10 and p['prompts'] == {'all right': 10, 'all wrong': 10, 'paired': 10}
+    assert sample.read_exercises(out, 'val') == sample.read_exercises(calc_data, 'val')  # eval works on a DPO run
+    assert set(p['types']) == {e['type'] for k, e in enumerate(exercises) if k % 3 == 2}  # prompts of every type
     end, sp = tok.special_tokens['<|im_end|>'], tok.special_tokens
     for split in ('train', 'val'):
         rows = np.fromfile(os.path.join(out, f'{split}.bin'), dtype=meta['dtype']).reshape(-1, p['row_len'])
