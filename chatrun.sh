@@ -33,6 +33,9 @@ run() { echo "+ $*"; [ "$DRY" = 1 ] || "$@"; }
 stage() { echo; echo "== $1 ($(( $(date +%s) - start ))s)"; }
 common=(--data_dir="$DATA" --log_interval=50)
 
+stage "install (pinned)"
+run python -m pip install -q -r requirements.txt
+
 stage "data"
 if [ -f "$DATA/meta.json" ] && [ "$DRY" = 0 ]; then echo "$DATA already prepared"
 else run python prepare.py synth --source=local --calculator=True --n_samples="${N_SAMPLES:-20000}" --out="$DATA"; fi

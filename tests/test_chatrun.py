@@ -15,8 +15,8 @@ def commands(*args, **env):
 def test_the_cpu_chain_is_data_pretrain_sft_pairs_dpo():
     cmds = commands(OUT='o', DATA='d', SEEDS='1')
     scripts = [c[1] for c in cmds]
-    assert scripts == ['prepare.py', 'train.py', 'train.py', 'sample.py', 'train.py']
-    data, pre, sft, pairs, dpo = cmds
+    assert scripts == ['-m', 'prepare.py', 'train.py', 'train.py', 'sample.py', 'train.py']
+    _, data, pre, sft, pairs, dpo = cmds
     assert '--calculator=True' in data and '--source=local' in data and '--out=d' in data
     assert 'config/exp2_chatml_cpu.py' in pre and '--mask_loss=False' in pre and '--out_dir=o/base' in pre
     assert '--init_from=o/base' in sft and '--mask_loss=False' not in sft and '--out_dir=o/sft' in sft
