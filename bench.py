@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import check_ranges, configure, die, save_json
-from model import GPT, GPTConfig, ContiguousKVCache, peak_flops
+from model import GPT, GPTConfig, ContiguousKVCache, peak_flops, training_dtype
 from sample import beam_search, generate, load_checkpoint, model_overrides, reject_shape_flags
 
 # -----------------------------------------------------------------------------
@@ -438,21 +438,32 @@ def train_point(model_args, B, T):
 
 
 def train_step():
+    """The training dtype train.py's dtype='auto' picks (model.training_dtype; --dtype overrides it) against the
+    same step in plain fp32 eager mode, the nanoGPT-equivalent, as a ratio measured in this one run."""
+    global dtype
     B, T = size((2, 32), (8, 256), (8, 1024))
     args = size(dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256), dict(n_layer=4, n_head=4, n_embd=256,
                 vocab_size=4096), dict(n_layer=12, n_head=12, n_embd=768))
     args.update(block_size=T, bias=False)
-    r = measure(train_point, model_args=args, B=B, T=T)
+    chosen = dtype
+    dtype = training_dtype(device.split(':')[0]) if _dtype_auto else dtype
+    try:
+        r = measure(train_point, model_args=args, B=B, T=T)
+        trained_in, dtype = dtype, 'float32'
+        fp32 = measure(train_point, model_args=args, B=B, T=T) if trained_in != 'float32' else r
+    finally:
+        dtype = chosen
     peak = {k: peak_flops(device, k, quick=quick) for k in ('float32', 'bfloat16')}
     tok_s = B * T / (r['ms'] / 1000)
     mfu = {k: 100 * r['flops_per_token'] * tok_s / p for k, p in peak.items()}
-    row = dict(batch=B, T=T, ms_per_batch=r['ms'], tok_s=tok_s, params=r['params'],
+    row = dict(dtype=trained_in, batch=B, T=T, ms_per_batch=r['ms'], fp32_eager_ms=fp32['ms'],
+               speedup_vs_fp32_eager=fp32['ms'] / r['ms'], tok_s=tok_s, params=r['params'],
                flops_per_token=r['flops_per_token'], peak_mb=r['peak_mb'], delta_mb=r['delta_mb'],
                matmul_tflops_fp32=peak['float32'] / 1e12, matmul_tflops_bf16=peak['bfloat16'] / 1e12,
-               mfu_pct=mfu['float32' if dtype == 'float32' else 'bfloat16'],
+               mfu_pct=mfu['float32' if trained_in == 'float32' else 'bfloat16'],
                mfu_vs_fp32_pct=mfu['float32'], mfu_vs_bf16_pct=mfu['bfloat16'])
     maybe_profile('train', train_point(args, B, T))
-    return dict(config=dict(model=args, optimizer='AdamW', dtype=dtype, mfu='6N + 12LHQT (no causal halving), '
+    return dict(config=dict(model=args, optimizer='AdamW', dtype=trained_in, mfu='6N + 12LHQT (no causal halving), '
                             'mfu_pct against model.peak_flops of the training dtype (spec sheet on known GPUs, '
                             'else measured)'), rows=[row])
 
@@ -815,8 +826,11 @@ def plot_runs(dirs, out_dir):
     print(f"wrote {os.path.join(out_dir, 'loss_curves.png')}")
 
 
+_dtype_auto = False
+
+
 def main(argv=None):
-    global device, dtype
+    global device, dtype, _dtype_auto
     argv = list(sys.argv[1:] if argv is None else argv)
     plot_dirs = []
     if '--plot' in argv:  # --plot DIR [DIR ...]: directories, not config keys
@@ -839,6 +853,7 @@ def main(argv=None):
     if ckpt and not os.path.isfile(ckpt):
         die(f"no checkpoint at {ckpt}: train one with train.py, or leave --ckpt empty to train tiny models here")
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    _dtype_auto = dtype == 'auto'  # the train scenario then trains as train.py would (model.training_dtype)
     dtype = ('bfloat16' if cuda() and torch.cuda.is_bf16_supported() else 'float32') if dtype == 'auto' else dtype
     if threads > 0:
         torch.set_num_threads(threads)

@@ -789,6 +789,24 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def cpu_has_fast_bf16():
+    """AVX512-BF16 or AMX: bf16 matmuls run in hardware (elsewhere, e.g. AVX2-only CPUs, they are emulated, slow)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def training_dtype(device_type):
+    """What dtype='auto' trains in (train.py, bench.py): bf16 autocast on CUDA (fp16 before Ampere) and on CPUs
+    with fast bf16, else float32."""
+    if device_type == 'cuda':
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    return 'bfloat16' if device_type == 'cpu' and cpu_has_fast_bf16() else 'float32'
+
+
 def peak_flops(device='cpu', dtype=torch.float32, quick=False):
     """Peak matmul FLOP/s of ONE device, the denominator of MFU (train.py and bench.py). Known GPUs: the dense
     spec sheet value (bf16/fp16 tensor cores, TF32 for fp32); otherwise measured here: the best of a few 50 ms

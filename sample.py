@@ -17,7 +17,7 @@ import torch
 
 from configurator import ConfigError, check_ranges, coerce, configure, die
 from tasks.calculator import OUTPUT_END, OUTPUT_START, TOOL_END, tool_output
-from tasks.verify import check_answer, extract_answer, pass_at_k, verify
+from tasks.verify import check_answer, extract_answer, pass_at_k, verifiable, verify
 
 # -----------------------------------------------------------------------------
 # decoding strategies: functions on logits (B, V) -> logits (B, V), masked entries set to -inf
@@ -544,7 +544,6 @@ def score_exercises(model, tok, exercises, n=0, **gen):
             s[f'verifier@{n}'] += correct[accepted]
             s['pass@1'] += pass_at_k(n, sum(correct), 1)
             s[f'pass@{n}'] += pass_at_k(n, sum(correct), n)
-    from tasks.verify import verifiable
     for kind, s in scores.items():
         s.update({k: v / s['n'] for k, v in s.items() if k != 'n'})
         if n and not verifiable(kind):

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from configurator import check_ranges, configure, die, save_json
-from model import GPT, GPTConfig, GPT2_SIZES, RUNTIME_FLAGS, gpt2_config, load_base_state, peak_flops
+from model import GPT, GPTConfig, GPT2_SIZES, RUNTIME_FLAGS, gpt2_config, load_base_state, peak_flops, \
+    training_dtype
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -132,22 +133,8 @@ master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else device
 
 
-def cpu_has_fast_bf16():
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return 'avx512_bf16' in flags or 'amx_bf16' in flags
-
-
 if dtype == 'auto':
-    if device_type == 'cuda':
-        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    elif device_type == 'cpu' and cpu_has_fast_bf16():
-        dtype = 'bfloat16'
-    else:
-        dtype = 'float32'  # e.g. AVX2-only CPUs, where bf16 matmuls are emulated and slow
+    dtype = training_dtype(device_type)  # float32 e.g. on AVX2-only CPUs, where bf16 matmuls are emulated and slow
 if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype must be auto|float32|bfloat16|float16, got '{dtype}'")
 config['device'], config['dtype'] = device, dtype  # record what 'auto' resolved to

@@ -68,7 +68,10 @@ def test_attention_mhsa_ffn_train(quick):
         assert sum(r['expert_load_pct']) == pytest.approx(100) and sum(r['router_top1_hist']) == pytest.approx(1)
     assert moe[0]['active_params'] < moe[1]['active_params']  # top-1 runs one routed expert, top-2 two
     positive(S['train']['rows'], 'ms_per_batch', 'tok_s', 'flops_per_token', 'mfu_pct', 'matmul_tflops_fp32',
-             'matmul_tflops_bf16', 'peak_mb')
+             'matmul_tflops_bf16', 'peak_mb', 'fp32_eager_ms', 'speedup_vs_fp32_eager')
+    row = S['train']['rows'][0]  # against plain fp32 eager, the nanoGPT-equivalent, measured in the same run
+    assert row['speedup_vs_fp32_eager'] == pytest.approx(row['fp32_eager_ms'] / row['ms_per_batch'])
+    assert row['dtype'] == S['train']['config']['dtype'] in ('float32', 'bfloat16', 'float16')
 
 
 def test_decode_target_scenario(cpu):
