@@ -348,10 +348,10 @@ def newton_schulz(g, steps=5, dtype=torch.bfloat16):
     """The nearest semi-orthogonal matrix to g, approximately (U S' V^T with S' in about [0.5, 1.5]): the quintic
     Newton-Schulz iteration of Muon with its coefficients (Jordan et al. 2024; REFERENCE §8.2)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(dtype)
-    tall = x.size(0) > x.size(1)
+    x = g.to(dtype)  # (..., rows, cols): a stack of same-shape matrices runs as one batched product per step
+    tall = x.size(-2) > x.size(-1)
     x = x.mT if tall else x
-    x = x / (x.norm() + 1e-7)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         m = x @ x.mT
         x = a * x + (b * m + c * m @ m) @ x
@@ -369,15 +369,20 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, wd = group['lr'], group['weight_decay']
-            for p in (p for p in group['params'] if p.grad is not None):
+            params = [p for p in group['params'] if p.grad is not None]
+            if group['muon']:  # matrices of one shape are orthogonalised together: small ones are overhead-bound
+                for shape in dict.fromkeys(p.shape for p in params):
+                    same = [p for p in params if p.shape == shape]
+                    bufs = [self.state[p].setdefault('momentum_buffer', torch.zeros_like(p)) for p in same]
+                    torch._foreach_lerp_(bufs, [p.grad for p in same], 1 - group['momentum'])
+                    nesterov = torch.stack([p.grad.lerp(buf, group['momentum']) for p, buf in zip(same, bufs)])
+                    update = newton_schulz(nesterov, dtype=group['ns_dtype'])
+                    for p, u in zip(same, update):
+                        p.mul_(1 - lr * wd).add_(u, alpha=-lr * max(1, shape[0] / shape[1]) ** 0.5)
+                continue
+            for p in params:
                 g, state = p.grad, self.state[p]
                 p.mul_(1 - lr * wd)
-                if group['muon']:
-                    buf = state.setdefault('momentum_buffer', torch.zeros_like(g))
-                    buf.lerp_(g, 1 - group['momentum'])
-                    update = newton_schulz(g.lerp(buf, group['momentum']), dtype=group['ns_dtype'])
-                    p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
-                    continue
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state['step'] += 1  # a Python int: no host sync per parameter

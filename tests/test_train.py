@@ -530,6 +530,9 @@ def test_newton_schulz_orthogonalises(tmp_path):
     u, sv, vh = torch.linalg.svd(m, full_matrices=False)  # the same singular vectors: only the spectrum changes
     o = ns(m, dtype=torch.float32)
     assert (u.mT @ o @ vh.mT - torch.diag(torch.diagonal(u.mT @ o @ vh.mT))).abs().max() < 1e-3
+    stack = torch.randn(3, 256, 64, generator=g)  # same-shape matrices orthogonalised as one batch: each as alone
+    torch.testing.assert_close(ns(stack, dtype=torch.float32), torch.stack([ns(x, dtype=torch.float32) for x in stack]),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_muon_groups_and_its_adamw_half_equals_torch(tmp_path):
@@ -547,16 +550,21 @@ def test_muon_groups_and_its_adamw_half_equals_torch(tmp_path):
     # the AdamW half is torch's AdamW; the Muon half is one hand-computed step
     torch.manual_seed(0)
     a, b, w = torch.randn(5, 3), torch.randn(7), torch.randn(8, 4)
+    others = [torch.randn(8, 4), torch.randn(4, 6)]  # one of w's shape (batched with it), one not
     mine = g['MuonAdamW']([dict(params=[a.clone().requires_grad_()], weight_decay=0.1),
                           dict(params=[b.clone().requires_grad_()], weight_decay=0.0),
-                          dict(params=[w.clone().requires_grad_()], weight_decay=0.05, muon=True, momentum=0.9)],
+                          dict(params=[w.clone().requires_grad_()] + [o.clone().requires_grad_() for o in others],
+                               weight_decay=0.05, muon=True, momentum=0.9)],
                          lr=1e-2, betas=(0.9, 0.95), eps=1e-8, ns_dtype=torch.float32)
     ref = torch.optim.AdamW([dict(params=[a.clone().requires_grad_()], weight_decay=0.1),
                              dict(params=[b.clone().requires_grad_()], weight_decay=0.0)], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     grads = [[torch.randn(5, 3), torch.randn(7), torch.randn(8, 4)] for _ in range(4)]
-    for step in grads:
+    other_grads = [[torch.randn(8, 4), torch.randn(4, 6)] for _ in range(4)]
+    for step, extra in zip(grads, other_grads):
         for grp, gr in zip(mine.param_groups, step):
             grp['params'][0].grad = gr.clone()
+        for p, gr in zip(mine.param_groups[2]['params'][1:], extra):
+            p.grad = gr.clone()
         for grp, gr in zip(ref.param_groups, step):
             grp['params'][0].grad = gr.clone()
         mine.step()
@@ -568,6 +576,13 @@ def test_muon_groups_and_its_adamw_half_equals_torch(tmp_path):
         buf = buf.lerp(step[2], 0.1)
         p = p * (1 - 1e-2 * 0.05) - 1e-2 * 2 ** 0.5 * g['newton_schulz'](step[2].lerp(buf, 0.9), dtype=torch.float32)
     torch.testing.assert_close(mine.param_groups[2]['params'][0], p, rtol=1e-5, atol=1e-6)
+    for k, o in enumerate(others):
+        buf, p = torch.zeros_like(o), o.clone()
+        for extra in other_grads:
+            buf = buf.lerp(extra[k], 0.1)
+            scale = max(1, o.size(0) / o.size(1)) ** 0.5
+            p = p * (1 - 1e-2 * 0.05) - 1e-2 * scale * g['newton_schulz'](extra[k].lerp(buf, 0.9), dtype=torch.float32)
+        torch.testing.assert_close(mine.param_groups[2]['params'][1 + k], p, rtol=1e-5, atol=1e-6)
 
 
 def test_muon_trains_and_resumes_exactly(tiny_data, tmp_path):
