@@ -320,10 +320,11 @@ def test_masked_chat_loss_ignores_user_turn_targets(tmp_path):
 @pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
 def test_two_process_runs_exit_0_every_time(tiny_data, tmp_path, mode):
     """A rank that finished first used to abort at interpreter exit (SIGABRT, 'terminate called without an active
-    exception') while a gloo worker still freed the last collective; it happened in ~1 of 5 runs. Five in a row."""
+    exception') while a gloo worker still freed the last collective; it happened in ~1 of 5 runs. Three in a row here,
+    and every other multi-process test of the suite checks the exit code too."""
     args = [f'--data_dir={tiny_data}', '--max_iters=4', '--eval_interval=2', '--dropout=0.1',
             '--gradient_accumulation_steps=2'] + (['--fsdp=True'] if mode == 'fsdp' else [])
-    for i in range(5):
+    for i in range(3):
         r = run_torchrun(args + [f'--out_dir={tmp_path / str(i)}'], check=False)
         assert r.returncode == 0 and 'terminate called' not in r.stderr, f"run {i}: " + r.stderr[-3000:]
         assert 'done: 4 iters' in r.stdout
