@@ -516,8 +516,17 @@ def calculator_tool(tok):
     end = tok.special_tokens.get(TOOL_END)
     if end is None:
         return None
-    return lambda seq: tok.encode(tool_output(tok.decode(seq)), allowed_special={OUTPUT_START, OUTPUT_END}) \
-        if seq[-1] == end else None
+
+    def call(seq):
+        if seq[-1] != end:
+            return None
+        text = tool_output(tok.decode(seq))
+        try:
+            return tok.encode(text, allowed_special={OUTPUT_START, OUTPUT_END})
+        except ValueError:  # a char vocabulary without some character of the answer: leave those out
+            inner = ''.join(ch for ch in text[len(OUTPUT_START):-len(OUTPUT_END)] if ch in tok.stoi)
+            return tok.encode(OUTPUT_START + inner + OUTPUT_END, allowed_special={OUTPUT_START, OUTPUT_END})
+    return call
 
 
 def score_exercises(model, tok, exercises, n=0, **gen):

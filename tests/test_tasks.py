@@ -157,3 +157,16 @@ def test_preference_pairs_are_rows_of_prompt_and_response_with_masks(calc_data, 
             for row, mask in ((rows[k], masks[k]), (rows[k + 1], masks[k + 1])):
                 last = np.flatnonzero(mask)[-1]  # the response's <|im_end|>, then padding to row_len
                 assert row[last] == end and (row[last + 1:] == p['pad_id']).all()
+
+
+def test_calculator_answers_even_when_the_char_vocabulary_lacks_its_characters():
+    """A char tokenizer that has only digits: an error message cannot be spelled, and the call still gets an
+    output (what the vocabulary can spell of it) instead of an exception in the middle of generation."""
+    specials = {s: 10 + i for i, s in enumerate(prepare.SPECIAL_TOKENS + TOOL_TOKENS)}
+    tok = prepare.Tokenizer('char', specials, chars='0123456789')
+    call = sample.calculator_tool(tok)
+    ok = call(tok.encode(f"{TOOL_START}12{TOOL_END}", allowed_special='all'))
+    assert tok.decode(ok) == f"{OUTPUT_START}12{OUTPUT_END}"
+    err = call([specials[TOOL_START], specials[TOOL_END]])  # an empty call: 'error: ...' has no digit to spell
+    assert err == [specials[OUTPUT_START], specials[OUTPUT_END]]
+    assert call(tok.encode('12')) is None  # not the end of a call
