@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One button for the chat chain, offline, CPU-sized by default (<= 30 minutes on 2 cores):
+# One button for the chat chain, offline, CPU-sized by default (measured: 40 minutes on 2 cores):
 #   data (the offline SYNTH twin, arithmetic written as calculator calls) -> pretrain (every token counts)
 #   -> SFT (assistant tokens only) -> preference pairs sampled from the SFT model and verified -> DPO
 #   -> eval: base / SFT / SFT+DPO x greedy, sc@5, verifier@5, pass@5, with and without the calculator.
