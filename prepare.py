@@ -570,14 +570,20 @@ def encode_chatml(tok, user, assistant=None, train_user=False):
              (tok.encode("\n") + start + tok.encode("assistant\n"), 0)]
     ids, mask = [i for p, _ in parts for i in p], [int(m) for p, m in parts for _ in p]
     if assistant is not None:
-        reply, output = tok.encode(assistant, allowed_special={"<think>", "</think>", *TOOL_TOKENS}) + end, False
-        out_start, out_end = tok.special_tokens.get(OUTPUT_START), tok.special_tokens.get(OUTPUT_END)
-        for i in reply:
-            output = output or i == out_start
-            mask.append(int(not output))
-            output = output and i != out_end
-        ids += reply
+        reply = tok.encode(assistant, allowed_special={"<think>", "</think>", *TOOL_TOKENS}) + end
+        ids, mask = ids + reply, mask + response_mask(tok, reply)
     return ids, mask
+
+
+def response_mask(tok, ids):
+    """1 on the tokens the model chose, 0 on a tool's output (<|output_start|> ... <|output_end|>)."""
+    start, end = tok.special_tokens.get(OUTPUT_START), tok.special_tokens.get(OUTPUT_END)
+    mask, inside = [], False
+    for i in ids:
+        inside = inside or i == start
+        mask.append(int(not inside))
+        inside = inside and i != end
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -589,18 +589,6 @@ def run_eval(model, tok, data_dir, gen):
                        per_type=eval_per_type), eval_json)
 
 
-def response_mask(tok, ids):
-    """1 on the tokens the model chose, 0 on a tool's output (<|output_start|> ... <|output_end|>), as
-    prepare.encode_chatml masks the assistant turn."""
-    start, end = tok.special_tokens.get(OUTPUT_START), tok.special_tokens.get(OUTPUT_END)
-    mask, inside = [], False
-    for i in ids:
-        inside = inside or i == start
-        mask.append(int(not inside))
-        inside = inside and i != end
-    return mask
-
-
 def write_preference_pairs(model, tok, data_dir, out, gen):
     """DPO data (Rafailov et al. 2023): pairs_k samples per train exercise, each checked by tasks.verify; a prompt
     with a right and a wrong sample gives one pair (chosen = right, rejected = wrong). Rows of equal length
@@ -638,7 +626,7 @@ def write_preference_pairs(model, tok, data_dir, out, gen):
     n_val = max(1, len(pairs) // 10)
     splits, masks = {}, {}
     for split, part in (('val', pairs[:n_val]), ('train', pairs[n_val:])):
-        rows = [(p + r, [0] * len(p) + response_mask(tok, r)) for p, c, w, _ in part for r in (c, w)]
+        rows = [(p + r, [0] * len(p) + prepare.response_mask(tok, r)) for p, c, w, _ in part for r in (c, w)]
         splits[split] = np.array([x + [tok.eot_id] * (row_len - len(x)) for x, _ in rows], dtype=np.int64).ravel()
         masks[split] = np.array([m + [0] * (row_len - len(m)) for _, m in rows], dtype=np.uint8).ravel()
     meta = json.load(open(os.path.join(data_dir, 'meta.json')))
