@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 from configurator import check_ranges, configure, die, save_json
 from model import GPT, GPTConfig, ContiguousKVCache, peak_flops, training_dtype
 from sample import beam_search, generate, load_checkpoint, model_overrides, reject_shape_flags
@@ -51,6 +52,8 @@ eval_len = 0           # long_context: tokens per evaluated sequence and the RoP
 device = 'auto'        # auto = cuda > cpu
 dtype = 'auto'         # auto = bfloat16 on CUDA, float32 on CPU (AVX2 CPUs emulate bf16 ~100x slower)
 seed = 1337
+train_dropout = 0.0    # train scenario: the model's dropout (0.2 = nanoGPT's baby GPT); the fp32 baseline then
+                       #   uses PyTorch's stock dropout and SDPA math kernels (model.FAST_CPU_DROPOUT = False)
 threads = 0            # torch intra-op threads, 0 = torch's default; 1 is much faster for tiny ops on a busy CPU
 # -----------------------------------------------------------------------------
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -425,32 +428,41 @@ def kvcache():
 
 
 # 6. train step: ms/batch, tokens/s and MFU against model.peak_flops (the one train.py uses too)
-def train_point(model_args, B, T):
+def train_point(model_args, B, T, stock=False):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**model_args)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda())
     x = torch.randint(model.config.vocab_size, (B, T + 1), device=device)
 
     def run():
-        optimizer_step(model, opt, x)
+        model_module.FAST_CPU_DROPOUT = not stock
+        try:
+            optimizer_step(model, opt, x)
+        finally:
+            model_module.FAST_CPU_DROPOUT = True
         return dict(params=model.num_params(), flops_per_token=model.flops_per_token(T))
     return run
 
 
 def train_step():
     """The training dtype train.py's dtype='auto' picks (model.training_dtype; --dtype overrides it) against the
-    same step in plain fp32 eager mode, the nanoGPT-equivalent, as a ratio measured in this one run."""
+    same step in plain fp32 eager mode with PyTorch's stock kernels, the nanoGPT-equivalent, as a ratio measured in
+    this one run. --train_dropout=0.2 measures nanoGPT's baby-GPT setting."""
     global dtype
     B, T = size((2, 32), (8, 256), (8, 1024))
     args = size(dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256), dict(n_layer=4, n_head=4, n_embd=256,
                 vocab_size=4096), dict(n_layer=12, n_head=12, n_embd=768))
-    args.update(block_size=T, bias=False)
+    args.update(block_size=T, bias=False, dropout=train_dropout)
     chosen = dtype
     dtype = training_dtype(device.split(':')[0]) if _dtype_auto else dtype
     try:
-        r = measure(train_point, model_args=args, B=B, T=T)
+        # in-process: the fresh child's MALLOC_MMAP_THRESHOLD_ (exact RSS) maps every large temporary anew, which
+        # doubled this step's time on CPU
+        r = measure(train_point, fresh=False, model_args=args, B=B, T=T)
         trained_in, dtype = dtype, 'float32'
-        fp32 = measure(train_point, model_args=args, B=B, T=T) if trained_in != 'float32' else r
+        stock = train_dropout > 0 and not cuda()  # only then do our kernels differ from PyTorch's
+        fp32 = r if trained_in == 'float32' and not stock else \
+            measure(train_point, fresh=False, model_args=args, B=B, T=T, stock=True)
     finally:
         dtype = chosen
     peak = {k: peak_flops(device, k, quick=quick) for k in ('float32', 'bfloat16')}
@@ -465,7 +477,7 @@ def train_step():
     maybe_profile('train', train_point(args, B, T))
     return dict(config=dict(model=args, optimizer='AdamW', dtype=trained_in, mfu='6N + 12LHQT (no causal halving), '
                             'mfu_pct against model.peak_flops of the training dtype (spec sheet on known GPUs, '
-                            'else measured)'), rows=[row])
+                            'else measured)', memory='in-process (timing scenario)'), rows=[row])
 
 
 # 7. long context: perplexity by position bucket beyond the training length; needle in a haystack
@@ -841,7 +853,8 @@ def main(argv=None):
             die("--plot needs run directories: python bench.py --plot out-a out-b")
     reject_shape_flags(argv, 'bench.py')
     configure(globals(), argv)
-    check_ranges(globals(), [('eval_len', eval_len >= 0, ">= 0 (0 = the scenario's default)")])
+    check_ranges(globals(), [('eval_len', eval_len >= 0, ">= 0 (0 = the scenario's default)"),
+                             ('train_dropout', 0 <= train_dropout < 1, 'in [0, 1)')])
     if model_overrides(globals()) and not ckpt:
         die("the inference overrides (rope_scaling, sliding_window, ...) apply to --ckpt=PATH only")
     if plot_dirs:

@@ -752,6 +752,80 @@ def test_set_dropout_and_bf16_autocast():
     assert logits.dtype == torch.float32 and torch.isfinite(loss)
 
 
+
+def test_keep_mask_is_bernoulli_and_dropout_scales():
+    from model import dropout, keep_mask
+    torch.manual_seed(0)
+    keep, scale = keep_mask((400, 1000), 0.2, torch.bfloat16)
+    assert keep.dtype == torch.bfloat16 and set(keep.unique().tolist()) == {0.0, 1.0} and scale == 65536 / 52429
+    k = keep.float()
+    assert abs(k.mean().item() - 0.8) < 0.003  # 400k draws: std 0.0006
+    for lag in (1, 2, 3, 4, 5):  # the four lanes of one draw, and neighbouring draws, are independent
+        assert abs((k[:, lag:] * k[:, :-lag]).mean().item() - 0.64) < 0.004
+    assert abs(k[:, 0::4].mean().item() - k[:, 3::4].mean().item()) < 0.006  # no lane is biased
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask((400, 1000), 0.2, torch.bfloat16)[0], keep)  # the global generator governs it
+    x = torch.randn(64, 512, requires_grad=True)
+    torch.manual_seed(1)
+    y = dropout(x, 0.3, True)
+    torch.manual_seed(1)
+    mask, s = keep_mask(x.shape, 0.3, x.dtype)
+    assert torch.equal(y, x * mask * s) and abs(s - 1 / 0.7) < 1e-4
+    y.sum().backward()
+    assert torch.equal(x.grad, mask * s)  # backward multiplies by the same mask
+    assert dropout(x, 0.3, False) is x and dropout(x, 0.0, True) is x
+    assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+    import model as model_module
+    model_module.FAST_CPU_DROPOUT = False  # PyTorch's stock kernel, bench.py's nanoGPT-equivalent baseline
+    try:
+        torch.manual_seed(2)
+        y = dropout(x, 0.3, True)
+        torch.manual_seed(2)
+        assert torch.equal(y, F.dropout(x, 0.3, True))
+    finally:
+        model_module.FAST_CPU_DROPOUT = True
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(n_kv_head=2), dict(sliding_window=5), dict(pos_emb='alibi')])
+def test_cpu_training_attention_dropout_is_the_formula(kw):
+    """With dropout in training mode on CPU, attention weights are softmax(QK^T*scale + mask) times a keep mask,
+    and the output is (P*keep)V/(1-p): rebuilt here from the same keep_mask draws, and with p -> 0 it is the
+    eval-mode (SDPA) output."""
+    from model import keep_mask
+    m = build(dropout=0.25, **kw)
+    attn = m.transformer.h[0].attn
+    x = torch.randn(3, 17, 32)
+    T = x.size(1)
+    a = m.attn_inputs(T, T, torch.arange(T)[None], torch.arange(T)[None], None, None, False, 'cpu')
+    attn.train()
+    torch.manual_seed(5)
+    y = attn(x, a)
+    B, H, hd = 3, 4, 8
+    q, k, v = attn.c_attn(x).split([H * hd, attn.n_kv_head * hd, attn.n_kv_head * hd], dim=-1)
+    q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in (q, k, v))
+    k, v = k.repeat_interleave(H // k.size(1), 1), v.repeat_interleave(H // v.size(1), 1)
+    s = (q @ k.transpose(-2, -1)) * hd ** -0.5
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    if a.bias is not None:
+        s = s + a.bias
+    s = s.masked_fill(~(causal if a.allowed is None else a.allowed), float('-inf'))
+    torch.manual_seed(5)
+    keep, scale = keep_mask((B, H, T, T), 0.25, torch.float32)
+    assert 0.6 < keep.mean() < 0.9
+    ref = ((s.softmax(-1) * keep) @ v * scale).transpose(1, 2).reshape(B, T, H * hd)
+    torch.manual_seed(5)
+    resid = attn.resid_dropout  # the residual dropout draws after the weights' mask: turn it off to compare
+    resid.p = 0.0
+    assert torch.allclose(attn(x, a), attn.c_proj(ref), atol=1e-6)
+    resid.p = 0.25
+    assert not torch.allclose(y, attn.c_proj(ref), atol=1e-3)  # with it on, the residual mask did act
+    for mod in (attn.attn_dropout, resid):
+        mod.p = 1e-9  # rounds to p = 0: every weight kept
+    out = attn(x, a)
+    attn.eval()
+    assert torch.allclose(out, attn(x, a), atol=1e-6)
+
+
 # ---- recipes -----------------------------------------------------------------------------------
 
 def test_model_recipes_set_only_known_keys_and_build():
