@@ -21,7 +21,7 @@ import torch
 
 from configurator import check_ranges, configure, die, save_json
 from model import GPT, GPTConfig, GPT2_SIZES, RUNTIME_FLAGS, gpt2_config, load_base_state, peak_flops, \
-    training_dtype
+    training_dtype, cpu_has_fast_bf16
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -413,7 +413,7 @@ elif optimizer == 'muon':
               dict(params=[p for p in decay if id(p) not in in_blocks], weight_decay=weight_decay),
               dict(params=no_decay, weight_decay=0.0)]
     optimizer = MuonAdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps,
-                          ns_dtype=torch.float32 if dtype == 'float32' else torch.bfloat16)
+                          ns_dtype=torch.bfloat16 if device_type == 'cuda' or cpu_has_fast_bf16() else torch.float32)
 else:
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps, fused=fused)
 if checkpoint is not None:
