@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import model as model_module
 from configurator import check_ranges, configure, die, save_json
 from model import GPT, GPTConfig, ContiguousKVCache, peak_flops, training_dtype
-from sample import beam_search, generate, load_checkpoint, model_overrides, reject_shape_flags
+from sample import auto_kv_dtype, beam_search, generate, load_checkpoint, model_overrides, reject_shape_flags
 
 # -----------------------------------------------------------------------------
 scenario = 'all'       # comma-separated scenario names, or all
@@ -335,8 +335,9 @@ TARGETS_TITLE = 'targets: cached >= 300 tok/s and >= 60x no cache, beam 4 <= 2.5
 
 def decode_target():
     """6L/6H/384 RoPE, vocab 8192, batch 1, 2047 new tokens from a 1-token prompt, random weights: tok/s per
-    cache and strategy, for fp32 weights, bf16 weights (with an fp32 KV cache on CPU, as sample.py's
-    kv_dtype=auto) and int8 weights (greedy only). Targets: cached >= 300 tok/s and >= 60x kv_cache='none'; beam 4 <= 2.5x greedy per token.
+    cache and strategy, for fp32 weights, bf16 weights and int8 weights with fp32 or bf16 activations (greedy only),
+    each with sample.py's kv_dtype=auto cache (sample.auto_kv_dtype); vs_fp32 = greedy tok/s over fp32's, one run.
+    Targets: cached >= 300 tok/s and >= 60x kv_cache='none'; beam 4 <= 2.5x greedy per token.
     'none' is estimated, not run (~30 min here): its step at context L is one forward over L tokens, timed at
     9 values of L and summed over L = 1..n by linear interpolation."""
     n_new = 24 if quick else 2047
@@ -345,9 +346,12 @@ def decode_target():
     runs = [('contiguous', 'greedy'), ('paged', 'greedy'), ('paged+offload', 'greedy'), ('contiguous', 'sample'),
             ('contiguous', 'beam4'), ('paged', 'beam4')]
     rows, targets, floor = [], [], {}
-    for weights in ('float32', 'bfloat16', 'int8'):  # int8: sample.py --quantize=int8 (fp32 activations)
+    for weights in ('float32', 'bfloat16', 'int8', 'int8+bf16'):  # int8: sample.py --quantize=int8 [--dtype=bfloat16]
         model = tiny_gpt(block_size=n_new + 1, pos_emb='rope', **kw).eval()
-        model = model.quantize_int8() if weights == 'int8' else model.to(getattr(torch, weights))
+        act = 'bfloat16' if weights.endswith(('bf16', 'bfloat16')) else 'float32'
+        model = model.to(getattr(torch, act))
+        model = model.quantize_int8() if weights.startswith('int8') else model
+        kv = getattr(torch, auto_kv_dtype(device.split(':')[0], act))
         tok_s = {}
         with torch.no_grad():
             # the memory-bandwidth floor: a decode step reads every weight once; reading them (a sum) takes
@@ -364,15 +368,16 @@ def decode_target():
                 tok_s['none'] = 1000 * n_new / total_ms
                 rows.append(dict(weights=weights, kv_cache='none (estimated)', strategy='greedy', new_tokens=n_new,
                                  tok_s=tok_s['none'], ms_per_token=total_ms / n_new))
-            for cache, strategy in runs if weights != 'int8' else runs[:2]:  # kv_dtype None: the activations' dtype
+            for cache, strategy in runs if not weights.startswith('int8') else runs[:2]:
                 ms = decode_ms(model, [1], n_new, strategy, warmup=8, amp=False, top_k=50,
                                kv_cache=cache.split('+')[0], offload=cache.endswith('offload'), page_size=256,
-                               kv_dtype=None if cuda() else torch.float32)
+                               kv_dtype=kv)
                 tok_s[cache, strategy] = 1000 * n_new / ms  # beam: positions per second (4 rows each)
                 rows.append(dict(weights=weights, kv_cache=cache, strategy=strategy, new_tokens=n_new,
                                  tok_s=tok_s[cache, strategy], ms_per_token=ms / n_new))
         greedy = tok_s['contiguous', 'greedy']
-        targets.append(dict(weights=weights, cached_tok_s=greedy, target_300=greedy >= 300))
+        targets.append(dict(weights=weights, kv_dtype=str(kv).removeprefix('torch.'), cached_tok_s=greedy,
+                            vs_fp32=greedy / targets[0]['cached_tok_s'] if targets else 1.0, target_300=greedy >= 300))
         if ('contiguous', 'beam4') in tok_s:
             beam_cost = greedy / tok_s['contiguous', 'beam4']
             targets[-1].update(beam4_cost_vs_greedy=beam_cost, target_beam_2_5x=beam_cost <= 2.5)

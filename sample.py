@@ -371,7 +371,7 @@ self_consistency = 0      # chat --prompt: sample N answers and print the majori
 device = 'auto'           # auto = cuda > mps > cpu
 dtype = 'auto'            # weights: auto = bfloat16 on CUDA when supported, else float32. bfloat16 on a CPU
                           #   without bf16 units: faster decoding (half the bytes), much slower long prompts
-kv_dtype = 'auto'         # KV cache: auto = float32 on CPU (its attention kernels run fp32 fastest), else dtype
+kv_dtype = 'auto'         # KV cache: auto = dtype, but float32 on CPU unless bf16 runs in hardware (auto_kv_dtype)
 quantize = 'none'         # none | int8: weight-only int8 Linears (per-row scales), a quarter of the fp32 bytes
 speculative = 'none'      # none | lookup: greedy with prompt-lookup drafts (the same tokens, fewer forwards)
 draft_len = 8             # lookup: draft tokens checked per forward
@@ -643,6 +643,16 @@ def write_preference_pairs(model, tok, data_dir, out, gen):
           f"({dict(counts)}) -> {out}")
 
 
+def auto_kv_dtype(device, dtype):
+    """The KV cache's dtype for kv_dtype=auto: the weights' dtype, except on CPU, where fp32 unless the weights are
+    bf16 and bf16 runs in hardware (AVX512-BF16/AMX). There, a bf16 cache decoded faster: greedy 2047 tokens of a
+    6L/384 model gave 176-201 tok/s against fp32's 159-181 with bf16 weights, 380 against 288 with int8 weights."""
+    from model import cpu_has_fast_bf16
+    if device != 'cpu' or (dtype == 'bfloat16' and cpu_has_fast_bf16()):
+        return dtype
+    return 'float32'
+
+
 def main(argv=None):
     global device, dtype, kv_dtype
     argv = sys.argv[1:] if argv is None else argv
@@ -680,7 +690,7 @@ def main(argv=None):
     if quantize == 'int8':
         model = model.quantize_int8()
     if kv_dtype == 'auto':
-        kv_dtype = 'float32' if device == 'cpu' else dtype
+        kv_dtype = auto_kv_dtype(device, dtype)
     kv = getattr(torch, kv_dtype)
     if compile:
         model = torch.compile(model)

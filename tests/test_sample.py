@@ -705,3 +705,13 @@ def test_cli_lookup_matches_greedy_and_refuses_other_strategies(chat_ckpt):
     assert fast.stdout == plain.stdout and 'forwards' in fast.stderr
     r = run_cli(f'--out_dir={chat_ckpt}', '--speculative=lookup', '--strategy=sample')
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'greedy' in r.stderr
+
+
+def test_auto_kv_dtype(monkeypatch):
+    import model
+    from sample import auto_kv_dtype
+    for fast in (True, False):
+        monkeypatch.setattr(model, 'cpu_has_fast_bf16', lambda: fast)
+        assert auto_kv_dtype('cpu', 'float32') == 'float32' and auto_kv_dtype('cpu', 'float16') == 'float32'
+        assert auto_kv_dtype('cpu', 'bfloat16') == ('bfloat16' if fast else 'float32')
+        assert auto_kv_dtype('cuda', 'bfloat16') == 'bfloat16' and auto_kv_dtype('cuda:1', 'float32') == 'float32'
