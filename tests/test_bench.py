@@ -75,8 +75,9 @@ def test_attention_mhsa_ffn_train(quick):
 
 
 def test_decode_target_scenario(cpu):
-    """The decoding-speed scenario at --quick sizes: every cache x strategy for fp32 and bf16 weights (int8, int8+bf16: greedy),
-    estimated no-cache baseline (fp32 only), the weight-read ceiling, and a targets row per weight dtype."""
+    """The decoding-speed scenario at --quick sizes: every cache x strategy for fp32 and bf16 weights (int8 and
+    int8+bf16: greedy), the estimated no-cache baseline (fp32 only), the weight-read ceiling, and a targets row per
+    weight dtype."""
     res = bench.decode_target()
     rows = res['rows']
     runs = {(r['weights'], r['kv_cache'], r['strategy']) for r in rows}
