@@ -878,8 +878,9 @@ def peak_flops(device='cpu', dtype=torch.float32, quick=False):
                 return tf32 if dtype == torch.float32 else half
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     n, cap = 256, (8192 if device.type == 'cuda' else 2048)
-    while True:
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # never the global one: how many draws depends on timing,
+    while True:                                          # and the dropout masks after it must not
+        a, b = (torch.randn(n, n, device=device, generator=gen).to(dtype) for _ in range(2))
         a @ b, a @ b  # warm-up: thread pool, kernel selection / JIT
         sync()
         t = time.perf_counter()

@@ -968,3 +968,11 @@ def test_int8_model_keeps_val_perplexity_within_1pct_and_cache_equals_no_cache()
         cache = q.make_kv_cache(2, 20)
         steps = [q(x[:, :4], kv_cache=cache)[0]] + [q(x[:, t:t + 1], kv_cache=cache)[0] for t in range(4, 20)]
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_peak_flops_leaves_the_global_rng_alone():
+    """train.py measures the peak before the loop; its timing-dependent number of draws must not shift dropout masks."""
+    from model import peak_flops
+    state = torch.get_rng_state()
+    assert peak_flops('cpu', torch.float32, quick=True) > 0 and peak_flops('cpu', 'bfloat16', quick=True) > 0
+    assert torch.equal(torch.get_rng_state(), state)
