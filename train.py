@@ -348,13 +348,14 @@ def newton_schulz(g, steps=5, dtype=torch.bfloat16):
     """The nearest semi-orthogonal matrix to g, approximately (U S' V^T with S' in about [0.5, 1.5]): the quintic
     Newton-Schulz iteration of Muon with its coefficients (Jordan et al. 2024; REFERENCE §8.2)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(dtype)  # (..., rows, cols): a stack of same-shape matrices runs as one batched product per step
-    tall = x.size(-2) > x.size(-1)
-    x = x.mT if tall else x
+    tall = g.size(-2) > g.size(-1)  # iterate on the wide orientation: the Gram matrix x x^T is the small one
+    x = (g.mT if tall else g).to(dtype, memory_format=torch.contiguous_format)  # contiguous: products of views are slow
+    x = x.reshape(-1, *x.shape[-2:])  # (stack, rows, cols): same-shape matrices run as one batched product
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        m = x @ x.mT
-        x = a * x + (b * m + c * m @ m) @ x
+    for _ in range(steps):  # x <- a x + (b m + c m^2) x with m = x x^T; baddbmm adds in the product's accumulator
+        m = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(m, m, m, beta=b, alpha=c), x, beta=a)
+    x = x.reshape((g.mT if tall else g).shape)
     return (x.mT if tall else x).to(g.dtype)
 
 
@@ -370,15 +371,17 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd = group['lr'], group['weight_decay']
             params = [p for p in group['params'] if p.grad is not None]
-            if group['muon']:  # matrices of one shape are orthogonalised together: small ones are overhead-bound
-                for shape in dict.fromkeys(p.shape for p in params):
-                    same = [p for p in params if p.shape == shape]
+            if group['muon']:  # matrices of one shape up to a transpose are orthogonalised together (one batch)
+                wide = lambda t: t.mT if t.size(0) > t.size(1) else t  # (m, n) and (n, m) both become (min, max)
+                for shape in dict.fromkeys(wide(p).shape for p in params):
+                    same = [p for p in params if wide(p).shape == shape]
                     bufs = [self.state[p].setdefault('momentum_buffer', torch.zeros_like(p)) for p in same]
                     torch._foreach_lerp_(bufs, [p.grad for p in same], 1 - group['momentum'])
-                    nesterov = torch.stack([p.grad.lerp(buf, group['momentum']) for p, buf in zip(same, bufs)])
+                    nesterov = torch.stack([wide(p.grad.lerp(buf, group['momentum'])) for p, buf in zip(same, bufs)])
                     update = newton_schulz(nesterov, dtype=group['ns_dtype'])
                     for p, u in zip(same, update):
-                        p.mul_(1 - lr * wd).add_(u, alpha=-lr * max(1, shape[0] / shape[1]) ** 0.5)
+                        p.mul_(1 - lr * wd).add_(u if u.shape == p.shape else u.mT,
+                                                 alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
                 continue
             for p in params:
                 g, state = p.grad, self.state[p]

@@ -551,7 +551,7 @@ def test_muon_groups_and_its_adamw_half_equals_torch(tmp_path):
     # the AdamW half is torch's AdamW; the Muon half is one hand-computed step
     torch.manual_seed(0)
     a, b, w = torch.randn(5, 3), torch.randn(7), torch.randn(8, 4)
-    others = [torch.randn(8, 4), torch.randn(4, 6)]  # one of w's shape (batched with it), one not
+    others = [torch.randn(8, 4), torch.randn(4, 6), torch.randn(4, 8)]  # w's shape, another, w's transpose (batched)
     mine = g['MuonAdamW']([dict(params=[a.clone().requires_grad_()], weight_decay=0.1),
                           dict(params=[b.clone().requires_grad_()], weight_decay=0.0),
                           dict(params=[w.clone().requires_grad_()] + [o.clone().requires_grad_() for o in others],
@@ -560,7 +560,7 @@ def test_muon_groups_and_its_adamw_half_equals_torch(tmp_path):
     ref = torch.optim.AdamW([dict(params=[a.clone().requires_grad_()], weight_decay=0.1),
                              dict(params=[b.clone().requires_grad_()], weight_decay=0.0)], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     grads = [[torch.randn(5, 3), torch.randn(7), torch.randn(8, 4)] for _ in range(4)]
-    other_grads = [[torch.randn(8, 4), torch.randn(4, 6)] for _ in range(4)]
+    other_grads = [[torch.randn(8, 4), torch.randn(4, 6), torch.randn(4, 8)] for _ in range(4)]
     for step, extra in zip(grads, other_grads):
         for grp, gr in zip(mine.param_groups, step):
             grp['params'][0].grad = gr.clone()
