@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import model as model_module
 from configurator import check_ranges, configure, die, save_json
-from model import GPT, GPTConfig, ContiguousKVCache, peak_flops, training_dtype
+from model import GPT, GPTConfig, ContiguousKVCache, keep_freed_cpu_memory, peak_flops, training_dtype
 from sample import auto_kv_dtype, beam_search, generate, load_checkpoint, model_overrides, reject_shape_flags
 
 # -----------------------------------------------------------------------------
@@ -52,8 +52,9 @@ eval_len = 0           # long_context: tokens per evaluated sequence and the RoP
 device = 'auto'        # auto = cuda > cpu
 dtype = 'auto'         # auto = bfloat16 on CUDA, float32 on CPU (AVX2 CPUs emulate bf16 ~100x slower)
 seed = 1337
-train_dropout = 0.0    # train scenario: the model's dropout (0.2 = nanoGPT's baby GPT); the fp32 baseline then
-                       #   uses PyTorch's stock dropout and SDPA math kernels (model.FAST_CPU_DROPOUT = False)
+train_dropout = 0.0    # train scenario: the model's dropout (0.2 = nanoGPT's baby GPT). On CPU its fp32 baseline
+                       #   runs PyTorch's stock dropout and SDPA kernels (model.FAST_CPU_DROPOUT = False) and glibc's
+                       #   default malloc (train.py: model.keep_freed_cpu_memory)
 threads = 0            # torch intra-op threads, 0 = torch's default; 1 is much faster for tiny ops on a busy CPU
 # -----------------------------------------------------------------------------
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -459,17 +460,25 @@ def train_step():
                 vocab_size=4096), dict(n_layer=12, n_head=12, n_embd=768))
     args.update(block_size=T, bias=False, dropout=train_dropout)
     chosen = dtype
-    dtype = training_dtype(device.split(':')[0]) if _dtype_auto else dtype
+    trained_in = training_dtype(device.split(':')[0]) if _dtype_auto else dtype
+    # on CPU the baseline also keeps PyTorch's stock dropout/attention kernels and glibc's malloc as it is (train.py
+    # keeps freed memory: model.keep_freed_cpu_memory); on CUDA ours differ from it only in the dtype
+    stock = not cuda()
     try:
         # in-process: the fresh child's MALLOC_MMAP_THRESHOLD_ (exact RSS) maps every large temporary anew, which
-        # doubled this step's time on CPU
+        # doubled this step's time on CPU. The baseline goes first: the malloc setting cannot be fully undone.
+        dtype = 'float32'
+        fp32 = measure(train_point, fresh=False, model_args=args, B=B, T=T, stock=True) \
+            if stock or trained_in != 'float32' else None
+        dtype = trained_in
+        if stock:
+            keep_freed_cpu_memory()
         r = measure(train_point, fresh=False, model_args=args, B=B, T=T)
-        trained_in, dtype = dtype, 'float32'
-        stock = train_dropout > 0 and not cuda()  # only then do our kernels differ from PyTorch's
-        fp32 = r if trained_in == 'float32' and not stock else \
-            measure(train_point, fresh=False, model_args=args, B=B, T=T, stock=True)
+        fp32 = fp32 or r
     finally:
         dtype = chosen
+        if stock:
+            keep_freed_cpu_memory(False)
     peak = {k: peak_flops(device, k, quick=quick) for k in ('float32', 'bfloat16')}
     tok_s = B * T / (r['ms'] / 1000)
     mfu = {k: 100 * r['flops_per_token'] * tok_s / p for k, p in peak.items()}

@@ -7,6 +7,7 @@ LoRA (lora_* flags): `LoRALinear` made by `linear`; GPT.mark_only_lora_trainable
 Soft prompt (n_soft_prompt): prepended in GPT.forward; GPT.init_soft_prompt, adapter_state_dict.
 """
 import contextlib
+import ctypes
 import functools
 import math
 import time
@@ -856,6 +857,23 @@ def cpu_has_fast_bf16():
     except OSError:
         return False
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def keep_freed_cpu_memory(enable=True):
+    """glibc gives every allocation over 32 MB fresh pages from mmap and unmaps them on free, so a training step
+    that makes such tensors (the fp32 logits of 8x256 tokens x 4096 vocab are 33.5 MB) pays a page fault per 4 KB
+    of each, every step: ~25 ms per tensor on a 2-core Xeon. Below 32 MB glibc already keeps and reuses freed
+    blocks. This stops mmap (M_MMAP_MAX=0; glibc falls back to it when the heap cannot grow) and keeps up to
+    1 GiB of freed memory in the process (M_TRIM_THRESHOLD), so big blocks are reused like small ones. The cost is
+    a higher resident size (speedrun step: 1007 vs 880 MB peak). False sets glibc's defaults back, though its
+    threshold then stays fixed at 128 KB instead of adapting. True if applied (glibc), else False (nothing done)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0 if enable else 65536)) and \
+        bool(mallopt(M_TRIM_THRESHOLD, (1 << 30) if enable else 128 * 1024))
 
 
 def training_dtype(device_type):

@@ -21,7 +21,7 @@ import torch
 
 from configurator import check_ranges, configure, die, save_json
 from model import GPT, GPTConfig, GPT2_SIZES, RUNTIME_FLAGS, gpt2_config, load_base_state, peak_flops, \
-    training_dtype, cpu_has_fast_bf16
+    training_dtype, cpu_has_fast_bf16, keep_freed_cpu_memory
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -131,7 +131,8 @@ else:
     rank, world_size = 0, 1
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else device
-
+if device_type == 'cpu':
+    keep_freed_cpu_memory()  # reuse freed blocks over 32 MB instead of page-faulting fresh ones every step
 
 if dtype == 'auto':
     dtype = training_dtype(device_type)  # float32 e.g. on AVX2-only CPUs, where bf16 matmuls are emulated and slow

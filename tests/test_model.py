@@ -1,10 +1,16 @@
 """model.py: every flag proven on CPU with tiny shapes (REFERENCE.md §1-7 for the formulas)."""
 import itertools
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from conftest import ROOT
 
 from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_slopes, apply_rope, rope_frequencies,
                    sinusoidal_embedding)
@@ -976,3 +982,31 @@ def test_peak_flops_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     assert peak_flops('cpu', torch.float32, quick=True) > 0 and peak_flops('cpu', 'bfloat16', quick=True) > 0
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc')
+def test_keep_freed_cpu_memory_reuses_big_blocks():
+    """64 MB tensors made and freed again and again: with glibc's defaults every one page-faults in fresh memory;
+    after keep_freed_cpu_memory() freed blocks are reused, so the later ones fault (almost) nowhere."""
+    code = textwrap.dedent('''
+        import resource, sys, torch
+        from model import keep_freed_cpu_memory
+        torch.set_num_threads(1)
+        if sys.argv[1] == 'keep':
+            assert keep_freed_cpu_memory()
+        faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(1 << 24)  # warm-up: the first one faults in either case
+        before = faults()
+        for _ in range(10):
+            torch.ones(1 << 24)  # 64 MB = 16384 pages of 4 KB, freed at once
+        print(faults() - before)''')
+    faults = {}
+    for mode in ('default', 'keep'):
+        r = subprocess.run([sys.executable, '-c', code, mode], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 0, r.stderr
+        faults[mode] = int(r.stdout.split()[-1])
+    tensor = (64 << 20) // 4096
+    assert faults['keep'] < 3 * tensor, faults  # of ten: at most a stray one or two in fresh pages
+    thp = '/sys/kernel/mm/transparent_hugepage/enabled'  # 'always': 2 MB pages, far fewer faults either way
+    if not (os.path.exists(thp) and '[always]' in open(thp).read()):
+        assert faults['default'] > 8 * tensor, faults  # what the helper is for
