@@ -30,6 +30,7 @@ eval_interval = 250       # evaluate (and checkpoint) every N iterations
 log_interval = 10         # print a line every N iterations
 eval_iters = 20           # batches per split in each evaluation (the same fixed batches every time)
 eval_only = False         # evaluate once and exit
+eval_first = True         # also evaluate before the first step (time-to-quality runs skip it: evals are wall time)
 init_from = 'scratch'     # scratch | resume (out_dir/ckpt.pt) | DIR or path/to/ckpt.pt (finetune another run's
                           # weights) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights)
 init_file = ''            # gpt2*: a local model.safetensors (Hugging Face layout) instead of the download
@@ -416,6 +417,12 @@ elif optimizer == 'muon':
                    momentum=muon_momentum, weight_decay=weight_decay * learning_rate / muon_lr),  # lr*wd as AdamW's
               dict(params=[p for p in decay if id(p) not in in_blocks], weight_decay=weight_decay),
               dict(params=no_decay, weight_decay=0.0)]
+    if not compile:  # torch.optim imports torch._dynamo (~2 s on a laptop CPU) the first time an Optimizer method
+        # runs, only to keep torch.compile out of it; nothing here is compiled, so skip that (short runs feel it)
+        for f in (torch.optim.Optimizer.add_param_group, torch.optim.Optimizer.zero_grad,
+                  torch.optim.Optimizer.state_dict, torch.optim.Optimizer.load_state_dict):
+            if hasattr(f, '__wrapped__'):  # torch._compile._disable_dynamo's wrapper reads this attribute
+                setattr(f.__wrapped__, '__dynamo_disable', f.__wrapped__)
     optimizer = MuonAdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps,
                           ns_dtype=torch.bfloat16 if device_type == 'cuda' or cpu_has_fast_bf16() else torch.float32)
 else:
@@ -639,7 +646,8 @@ while True:
         if master and dropout_schedule:
             print(f"iter {iter_num}: dropout -> {current_dropout}")
 
-    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and not profile and iter_num != resumed_at:
+    if ((iter_num % eval_interval == 0 and (iter_num > 0 or eval_first)) or iter_num == max_iters or eval_only) \
+            and not profile and iter_num != resumed_at:
         losses = estimate_loss()
         val_bpb = losses['val'] / math.log(2) / bytes_per_token if bytes_per_token and not dpo else None
         val_ppl = None if dpo else math.exp(min(losses['val'], 50))  # neither means anything for DPO's loss

@@ -434,6 +434,16 @@ def test_eval_only_evaluates_once_and_writes_no_checkpoint(tiny_data, tmp_path):
     assert [x['iter'] for x in evals] == [0, 4, 4] and evals[-1]['val_loss'] == evals[-2]['val_loss']
 
 
+def test_eval_first_false_skips_only_the_evaluation_before_the_first_step(tiny_data, tmp_path):
+    out = tmp_path / 'o'
+    run_train([f'--data_dir={tiny_data}', f'--out_dir={out}', '--max_iters=6', '--eval_interval=4',
+               '--eval_first=False'])
+    assert [x['iter'] for x in read_log(out) if 'val_loss' in x] == [4, 6]
+    assert (out / 'ckpt.pt').exists()  # the first evaluation is an improvement: the checkpoint is written
+    run_train([f'--data_dir={tiny_data}', f'--out_dir={tmp_path / "e"}', '--eval_only=True', '--eval_first=False'])
+    assert [x['iter'] for x in read_log(tmp_path / 'e') if 'val_loss' in x] == [0]  # eval_only still evaluates
+
+
 def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     """An absurd learning rate makes the weights overflow: training stops with one line naming the iteration,
     exit 3, and the checkpoint written before (finite weights) is untouched."""
