@@ -541,6 +541,13 @@ def test_newton_schulz_orthogonalises(tmp_path):
     u, sv, vh = torch.linalg.svd(m, full_matrices=False)  # the same singular vectors: only the spectrum changes
     o = ns(m, dtype=torch.float32)
     assert (u.mT @ o @ vh.mT - torch.diag(torch.diagonal(u.mT @ o @ vh.mT))).abs().max() < 1e-3
+    # fp32 at >= 2x wide iterates on the rows x rows side: the same polynomial as the textbook loop (in float64)
+    ref = m.double() / m.double().norm()
+    for _ in range(5):
+        a = ref @ ref.T
+        ref = 3.4445 * ref + (-4.7750 * a + 2.0315 * a @ a) @ ref
+    torch.testing.assert_close(o.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ns(m.T, dtype=torch.float32).double(), ref.T, rtol=1e-4, atol=1e-5)
     stack = torch.randn(3, 256, 64, generator=g)  # same-shape matrices orthogonalised as one batch: each as alone
     torch.testing.assert_close(ns(stack, dtype=torch.float32), torch.stack([ns(x, dtype=torch.float32) for x in stack]),
                                rtol=1e-4, atol=1e-5)
