@@ -705,6 +705,16 @@ class GPT(nn.Module):
                     setattr(parent, name, Int8Linear(child))
         return self
 
+    def quantize_bf16(self):
+        """Weight-only bf16 for inference: every Linear but MoE routers becomes a Bf16Linear (half the fp32 bytes;
+        the tied head gets a bf16 copy, the embedding lookup keeps its rows); norms, softmax, residual stream and
+        KV cache stay in the activations' dtype."""
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and not isinstance(parent, MoE):
+                    setattr(parent, name, Bf16Linear(child))
+        return self
+
     @contextlib.contextmanager
     def lora_disabled(self):
         """Inside, the model is its base (adapters skipped): DPO's frozen reference with LoRA (REFERENCE §16.4)."""
@@ -846,6 +856,31 @@ class Int8Linear(nn.Module):
         else:
             y = F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         return y if self.bias is None else y + self.bias
+
+
+class Bf16Linear(nn.Module):
+    """y = bf16(bf16(x) W^T) + b: a bf16 weight, products accumulated in fp32, the output rounded to bf16 (what a
+    bf16 matmul gives) and returned in x's dtype, so the layers around it keep fp32 activations. Batch-1 decoding
+    is memory-bound, and a bf16 gemv reads half the bytes: on an AVX2-only CPU it runs ~2-3x faster than fp32 even
+    though bf16 matmuls are emulated there. Those CPUs run inputs of more than BF16_EMULATED_ROWS rows (prompts)
+    as the same product in fp32 on an upcast copy of the weight, because the emulated matmul is ~100x slower."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.register_buffer('weight', linear.weight.detach().to(torch.bfloat16).clone())
+        self.bias = linear.bias
+
+    def forward(self, x):
+        rows = x.numel() // x.size(-1)
+        if x.device.type == 'cpu' and rows > BF16_EMULATED_ROWS and not cpu_has_fast_bf16():
+            y = F.linear(x.to(torch.bfloat16).float(), self.weight.float()).to(torch.bfloat16)
+        else:
+            y = F.linear(x.to(torch.bfloat16), self.weight)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+BF16_EMULATED_ROWS = 2  # AVX2 EPYC, 384-wide layers: the bf16 kernel wins at 1-2 rows, breaks even at 4, loses after
 
 
 @functools.cache  # read /proc/cpuinfo once

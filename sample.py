@@ -372,7 +372,8 @@ device = 'auto'           # auto = cuda > mps > cpu
 dtype = 'auto'            # weights: auto = bfloat16 on CUDA when supported, else float32. bfloat16 on a CPU
                           #   without bf16 units: faster decoding (half the bytes), much slower long prompts
 kv_dtype = 'auto'         # KV cache: auto = dtype, but float32 on CPU unless bf16 runs in hardware (auto_kv_dtype)
-quantize = 'none'         # none | int8: weight-only int8 Linears (per-row scales), a quarter of the fp32 bytes
+quantize = 'none'         # none | int8: weight-only int8 Linears (per-row scales), a quarter of the fp32 bytes |
+                          #   bf16: weight-only bf16 Linears (activations and cache stay fp32), half the bytes
 speculative = 'none'      # none | lookup: greedy with prompt-lookup drafts (the same tokens, fewer forwards)
 draft_len = 8             # lookup: draft tokens checked per forward
 compile = False           # torch.compile the model
@@ -658,7 +659,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     reject_shape_flags(argv, 'sample.py')
     configure(globals(), argv)
-    for key, allowed in (('strategy', 'greedy|sample|beam'), ('kv_cache', 'none|contiguous|paged'), ('quantize', 'none|int8'),
+    for key, allowed in (('strategy', 'greedy|sample|beam'), ('kv_cache', 'none|contiguous|paged'), ('quantize', 'none|int8|bf16'),
                          ('speculative', 'none|lookup'),
                          ('dtype', 'auto|float32|bfloat16|float16'), ('kv_dtype', 'auto|float32|bfloat16|float16')):
         if globals()[key] not in allowed.split('|'):
@@ -689,6 +690,8 @@ def main(argv=None):
     model = model.to(getattr(torch, dtype))
     if quantize == 'int8':
         model = model.quantize_int8()
+    elif quantize == 'bf16':
+        model = model.quantize_bf16()
     if kv_dtype == 'auto':
         kv_dtype = auto_kv_dtype(device, dtype)
     kv = getattr(torch, kv_dtype)

@@ -929,7 +929,7 @@ def test_kaiming_init_is_he_normal_and_gpt2_init_scales_residual_projections():
         tiny(norm_position='sandwich')
 
 
-# ---- int8 weight-only inference ----------------------------------------------------------------
+# ---- int8 / bf16 weight-only inference ----------------------------------------------------------------
 
 def test_int8_linear_is_per_row_absmax_and_close_to_fp32():
     from model import Int8Linear
@@ -946,11 +946,37 @@ def test_int8_linear_is_per_row_absmax_and_close_to_fp32():
         torch.testing.assert_close(q(xb).float(), q(x), atol=0.05, rtol=0.05)
 
 
-def test_int8_model_keeps_val_perplexity_within_1pct_and_cache_equals_no_cache():
-    import copy
+def test_bf16_linear_rounds_like_a_bf16_matmul_on_both_paths(monkeypatch):
+    """bf16(bf16(x) W^T) + b, returned in x's dtype; a prompt on a CPU without bf16 units takes the fp32 route on an
+    upcast weight, batch-1 decoding the bf16 kernel: the two give the same numbers (to one bf16 rounding step)."""
+    import model as model_module
+    from model import Bf16Linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 20)
+    q = Bf16Linear(lin)
+    assert q.weight.dtype == torch.bfloat16 and q.bias is lin.bias
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        ref = F.linear(x.bfloat16().double(), q.weight.double()).bfloat16().float() + lin.bias
+        for fast in (True, False):
+            monkeypatch.setattr(model_module, 'cpu_has_fast_bf16', lambda: fast)
+            y, y1 = q(x), q(x[:1, :1])  # 10 rows, then one row (the decoding path)
+            assert y.dtype == torch.float32
+            torch.testing.assert_close(y, ref, atol=0.02, rtol=2 ** -7)  # one bf16 ulp at most
+            assert (y != ref).float().mean() < 0.05
+            torch.testing.assert_close(y1, y[:1, :1], atol=0.02, rtol=2 ** -7)
+        assert ((y - lin(x)).norm() / lin(x).norm()).item() < 0.01
+        nobias = Bf16Linear(torch.nn.Linear(48, 20, bias=False))
+        out = nobias(x)
+        assert torch.equal(out, out.bfloat16().float())  # the product is rounded to bf16 once
+
+
+@pytest.fixture(scope='module')
+def trained_tiny():
+    """A tiny RoPE model trained 150 steps on a learnable stream (mostly t + 1), and 64 val rows of 33 tokens."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    stream = lambda n: torch.cumsum(torch.randint(1, 3, (n,), generator=g), 0) % V  # learnable: mostly t + 1
+    stream = lambda n: torch.cumsum(torch.randint(1, 3, (n,), generator=g), 0) % V
     m = GPT(tiny(pos_emb='rope', n_embd=64, n_head=4, tie_weights=True, block_size=32))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     train, val = stream(20000), stream(33 * 64).view(-1, 33)
@@ -961,19 +987,27 @@ def test_int8_model_keeps_val_perplexity_within_1pct_and_cache_equals_no_cache()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    m.eval()
-    q = copy.deepcopy(m).quantize_int8()
+    return m.eval(), val
+
+
+@pytest.mark.parametrize('kind,tol', [('int8', 1e-4), ('bf16', 2e-2)])
+def test_weight_only_model_keeps_val_perplexity_within_1pct_and_cache_equals_no_cache(trained_tiny, kind, tol):
+    import copy
+    m, val = trained_tiny
+    q = getattr(copy.deepcopy(m), f'quantize_{kind}')()
     assert sum(isinstance(mod, torch.nn.Linear) for mod in q.modules()) == 0
+    assert q.transformer.wte.weight.dtype == torch.float32  # the lookup keeps its fp32 rows
     with torch.no_grad():
         ppl = math.exp(m(val[:, :-1], val[:, 1:])[1].item())
         ppl_q = math.exp(q(val[:, :-1], val[:, 1:])[1].item())
         assert ppl < V / 4, ppl  # a trained model, so the comparison means something
         assert abs(ppl_q - ppl) / ppl < 0.01, (ppl, ppl_q)
+        assert ppl_q != ppl
         x = val[:2, :20]
         full = q(x)[0]
-        cache = q.make_kv_cache(2, 20)
+        cache = q.make_kv_cache(2, 20)  # bf16: the 8-row prefill and the 2-row steps take different routes
         steps = [q(x[:, :4], kv_cache=cache)[0]] + [q(x[:, t:t + 1], kv_cache=cache)[0] for t in range(4, 20)]
-        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=tol, rtol=tol)
 
 
 def test_peak_flops_leaves_the_global_rng_alone():

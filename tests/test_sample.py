@@ -462,7 +462,13 @@ def test_cli_int8_greedy_is_the_same_with_and_without_the_cache(chat_ckpt):
     assert all(r.returncode == 0 for r in outs), outs[0].stderr
     assert outs[0].stdout == outs[1].stdout and len(outs[0].stdout.split('---')[0]) > len('12')
     r = run_cli(f'--out_dir={chat_ckpt}', '--quantize=int4')
-    assert r.returncode == 2 and 'quantize must be none|int8' in r.stderr
+    assert r.returncode == 2 and 'quantize must be none|int8|bf16' in r.stderr
+
+
+def test_cli_bf16_weights_decode_with_fp32_activations(chat_ckpt):
+    r = run_cli(f'--out_dir={chat_ckpt}', '--start=12', '--max_new_tokens=12', '--strategy=greedy', '--quantize=bf16')
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.split('---')[0]) > len('12')
 
 
 def test_cli_chat_keeps_history_until_eof(chat_ckpt):
