@@ -374,6 +374,8 @@ dtype = 'auto'            # weights: auto = bfloat16 on CUDA when supported, els
 kv_dtype = 'auto'         # KV cache: auto = dtype, but float32 on CPU unless bf16 runs in hardware (auto_kv_dtype)
 quantize = 'none'         # none | int8: weight-only int8 Linears (per-row scales), a quarter of the fp32 bytes |
                           #   bf16: weight-only bf16 Linears (activations and cache stay fp32), half the bytes
+cpu_fp32_layout = True    # fp32 weights on CPU: wide matrices stored transposed (GPT.transpose_wide_weights): faster
+                          #   batch-1 decoding, the same values
 speculative = 'none'      # none | lookup: greedy with prompt-lookup drafts (the same tokens, fewer forwards)
 draft_len = 8             # lookup: draft tokens checked per forward
 compile = False           # torch.compile the model
@@ -692,6 +694,8 @@ def main(argv=None):
         model = model.quantize_int8()
     elif quantize == 'bf16':
         model = model.quantize_bf16()
+    elif cpu_fp32_layout and device == 'cpu' and dtype == 'float32':
+        model = model.transpose_wide_weights()
     if kv_dtype == 'auto':
         kv_dtype = auto_kv_dtype(device, dtype)
     kv = getattr(torch, kv_dtype)

@@ -1010,6 +1010,30 @@ def test_weight_only_model_keeps_val_perplexity_within_1pct_and_cache_equals_no_
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize('kw', [
+    dict(),                                                                 # GPT-2 classic, tied head
+    dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', n_kv_head=2, tie_weights=False),
+    dict(attn_type='mla', pos_emb='rope', mla_q_rank=16, mla_kv_rank=12, mla_rope_dim=4),
+    dict(n_experts=4, moe_top_k=2, pos_emb='rope'),
+])
+def test_transposed_wide_weights_keep_values_logits_and_cache(kw):
+    m = build(**kw)
+    x = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        ref = m(x)[0]
+        sd = {k: v.clone() for k, v in m.state_dict().items()}
+        m.transpose_wide_weights()
+        wide = [p for p in m.parameters() if p.dim() == 2 and p.size(0) > p.size(1)]
+        assert wide and all(p.t().is_contiguous() and not p.is_contiguous() for p in wide)
+        assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+        torch.testing.assert_close(m(x)[0], ref, atol=1e-5, rtol=1e-5)
+        cache = m.make_kv_cache(2, 12)
+        steps = [m(x[:, :5], kv_cache=cache)[0]] + [m(x[:, t:t + 1], kv_cache=cache)[0] for t in range(5, 12)]
+        torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=1e-5)
+        m.load_state_dict(sd)  # loading into the transposed storage works and keeps it
+        assert all(not p.is_contiguous() for p in wide)
+
+
 def test_peak_flops_leaves_the_global_rng_alone():
     """train.py measures the peak before the loop; its timing-dependent number of draws must not shift dropout masks."""
     from model import peak_flops
