@@ -699,10 +699,13 @@ class GPT(nn.Module):
     def quantize_int8(self):
         """Weight-only int8 for inference: every Linear but MoE routers becomes an Int8Linear (the tied head gets an
         int8 copy; the embedding lookup keeps its rows). Batch-1 decoding reads each weight once per token."""
+        return self._replace_linears(Int8Linear)
+
+    def _replace_linears(self, cls):
         for parent in list(self.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and not isinstance(parent, MoE):
-                    setattr(parent, name, Int8Linear(child))
+                    setattr(parent, name, cls(child))
         return self
 
     def transpose_wide_weights(self):
@@ -721,11 +724,7 @@ class GPT(nn.Module):
         """Weight-only bf16 for inference: every Linear but MoE routers becomes a Bf16Linear (half the fp32 bytes;
         the tied head gets a bf16 copy, the embedding lookup keeps its rows); norms, softmax, residual stream and
         KV cache stay in the activations' dtype."""
-        for parent in list(self.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and not isinstance(parent, MoE):
-                    setattr(parent, name, Bf16Linear(child))
-        return self
+        return self._replace_linears(Bf16Linear)
 
     @contextlib.contextmanager
     def lora_disabled(self):
