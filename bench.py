@@ -336,8 +336,8 @@ TARGETS_TITLE = 'targets: cached >= 300 tok/s and >= 60x no cache, beam 4 <= 2.5
 
 def decode_target():
     """6L/6H/384 RoPE, vocab 8192, batch 1, 2047 new tokens from a 1-token prompt, random weights: tok/s per
-    cache and strategy, for fp32 weights, bf16 weights, int8 weights with fp32 or bf16 activations and weight-only
-    bf16 (greedy only), each with sample.py's kv_dtype=auto cache (sample.auto_kv_dtype); vs_fp32 = greedy tok/s over fp32's, one run.
+    cache and strategy, for fp32 weights, bf16 weights, and (greedy only) fp32 weights stored transposed, int8
+    weights with fp32 or bf16 activations and weight-only bf16, each with sample.py's kv_dtype=auto cache (sample.auto_kv_dtype); vs_fp32 = greedy tok/s over fp32's, one run.
     Targets: cached >= 300 tok/s and >= 60x kv_cache='none'; beam 4 <= 2.5x greedy per token.
     'none' is estimated, not run (~30 min here): its step at context L is one forward over L tokens, timed at
     9 values of L and summed over L = 1..n by linear interpolation."""
@@ -347,13 +347,15 @@ def decode_target():
     runs = [('contiguous', 'greedy'), ('paged', 'greedy'), ('paged+offload', 'greedy'), ('contiguous', 'sample'),
             ('contiguous', 'beam4'), ('paged', 'beam4')]
     rows, targets, floor = [], [], {}
-    # int8: sample.py --quantize=int8 [--dtype=bfloat16]; bf16-only: --quantize=bf16 (fp32 activations)
-    for weights in ('float32', 'bfloat16', 'int8', 'int8+bf16', 'bf16-only'):
+    # int8: sample.py --quantize=int8 [--dtype=bfloat16]; bf16-only: --quantize=bf16 (fp32 activations);
+    # float32-cols: sample.py's CPU fp32 default, wide weights stored transposed (GPT.transpose_wide_weights)
+    for weights in ('float32', 'float32-cols', 'bfloat16', 'int8', 'int8+bf16', 'bf16-only'):
         model = tiny_gpt(block_size=n_new + 1, pos_emb='rope', **kw).eval()
         act = 'bfloat16' if weights.endswith(('+bf16', 'bfloat16')) else 'float32'
         model = model.to(getattr(torch, act))
         model = model.quantize_int8() if weights.startswith('int8') else model
         model = model.quantize_bf16() if weights == 'bf16-only' else model
+        model = model.transpose_wide_weights() if weights == 'float32-cols' else model
         kv = getattr(torch, auto_kv_dtype(device.split(':')[0], act))
         tok_s = {}
         with torch.no_grad():

@@ -75,9 +75,9 @@ def test_attention_mhsa_ffn_train(quick):
 
 
 def test_decode_target_scenario(cpu):
-    """The decoding-speed scenario at --quick sizes: every cache x strategy for fp32 and bf16 weights (int8, int8+bf16
-    and bf16-only: greedy), the estimated no-cache baseline (fp32 only), the weight-read ceiling, and a targets row per
-    weight dtype."""
+    """The decoding-speed scenario at --quick sizes: every cache x strategy for fp32 and bf16 weights (float32-cols,
+    int8, int8+bf16 and bf16-only: greedy), the estimated no-cache baseline (fp32 only), the weight-read ceiling,
+    and a targets row per weight dtype."""
     res = bench.decode_target()
     rows = res['rows']
     runs = {(r['weights'], r['kv_cache'], r['strategy']) for r in rows}
@@ -89,12 +89,13 @@ def test_decode_target_scenario(cpu):
     positive(rows, 'tok_s', 'ms_per_token')
     t = {r['weights']: r for r in res['tables'][bench.TARGETS_TITLE]}
     assert {('int8', 'contiguous', 'greedy'), ('int8', 'paged', 'greedy')} <= runs and res['config']['int8_tok_s_ceiling'] > 0
-    assert set(t) == {'float32', 'bfloat16', 'int8', 'int8+bf16', 'bf16-only'} and 'vs_none' in t['float32'] and \
+    assert set(t) == {'float32', 'float32-cols', 'bfloat16', 'int8', 'int8+bf16', 'bf16-only'} and 'vs_none' in t['float32'] and \
         'vs_none' not in t['bfloat16'] and ('int8+bf16', 'contiguous', 'greedy') in runs
     assert ('bf16-only', 'paged', 'greedy') in runs and ('bf16-only', 'contiguous', 'beam4') not in runs
     cont = next(r for r in rows if (r['weights'], r['kv_cache'], r['strategy']) == ('float32', 'contiguous', 'greedy'))
     assert t['float32']['cached_tok_s'] == cont['tok_s'] and t['float32']['vs_fp32'] == 1.0
-    for w in ('bfloat16', 'int8+bf16', 'bf16-only'):  # the ratio to fp32 comes from this same run
+    assert ('float32-cols', 'contiguous', 'greedy') in runs and t['float32-cols']['kv_dtype'] == 'float32'
+    for w in ('float32-cols', 'bfloat16', 'int8+bf16', 'bf16-only'):  # the ratio to fp32 comes from this same run
         assert t[w]['vs_fp32'] == pytest.approx(t[w]['cached_tok_s'] / cont['tok_s'])
     assert t['float32']['kv_dtype'] == t['int8']['kv_dtype'] == t['bf16-only']['kv_dtype'] == 'float32'
     assert t['int8+bf16']['kv_dtype'] == bench.auto_kv_dtype('cpu', 'bfloat16')
