@@ -337,7 +337,8 @@ TARGETS_TITLE = 'targets: cached >= 300 tok/s and >= 60x no cache, beam 4 <= 2.5
 def decode_target():
     """6L/6H/384 RoPE, vocab 8192, batch 1, 2047 new tokens from a 1-token prompt, random weights: tok/s per
     cache and strategy, for fp32 weights, bf16 weights, and (greedy only) fp32 weights stored transposed, int8
-    weights with fp32 or bf16 activations and weight-only bf16, each with sample.py's kv_dtype=auto cache (sample.auto_kv_dtype); vs_fp32 = greedy tok/s over fp32's, one run.
+    weights with fp32 or bf16 activations and weight-only bf16, each with sample.py's kv_dtype=auto cache
+    (sample.auto_kv_dtype); vs_fp32 = greedy tok/s over fp32's, one run.
     Targets: cached >= 300 tok/s and >= 60x kv_cache='none'; beam 4 <= 2.5x greedy per token.
     'none' is estimated, not run (~30 min here): its step at context L is one forward over L tokens, timed at
     9 values of L and summed over L = 1..n by linear interpolation."""

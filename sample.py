@@ -690,10 +690,8 @@ def main(argv=None):
     model, tok, data_dir = load(find_checkpoint(out_dir, given), device, overrides)
     # inference keeps no fp32 master weights: cast them (half the bytes read per token), no autocast
     model = model.to(getattr(torch, dtype))
-    if quantize == 'int8':
-        model = model.quantize_int8()
-    elif quantize == 'bf16':
-        model = model.quantize_bf16()
+    if quantize != 'none':
+        model = getattr(model, f'quantize_{quantize}')()
     elif cpu_fp32_layout and device == 'cpu' and dtype == 'float32':
         model = model.transpose_wide_weights()
     if kv_dtype == 'auto':

@@ -929,7 +929,7 @@ def test_kaiming_init_is_he_normal_and_gpt2_init_scales_residual_projections():
         tiny(norm_position='sandwich')
 
 
-# ---- int8 / bf16 weight-only inference ----------------------------------------------------------------
+# ---- int8 / bf16 weight-only inference ---------------------------------------------------------
 
 def test_int8_linear_is_per_row_absmax_and_close_to_fp32():
     from model import Int8Linear
