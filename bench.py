@@ -338,7 +338,8 @@ def decode_target():
     """6L/6H/384 RoPE, vocab 8192, batch 1, 2047 new tokens from a 1-token prompt, random weights: tok/s per
     cache and strategy, for fp32 weights, bf16 weights, and (greedy only) fp32 weights stored transposed, int8
     weights with fp32 or bf16 activations and weight-only bf16, each with sample.py's kv_dtype=auto cache
-    (sample.auto_kv_dtype); vs_fp32 = greedy tok/s over fp32's, one run.
+    (sample.auto_kv_dtype), and (full runs, contiguous greedy) int8 + bf16 under torch.compile, its compile time
+    in config.compile_s; vs_fp32 = greedy tok/s over fp32's, one run.
     Targets: cached >= 300 tok/s and >= 60x kv_cache='none'; beam 4 <= 2.5x greedy per token.
     'none' is estimated, not run (~30 min here): its step at context L is one forward over L tokens, timed at
     9 values of L and summed over L = 1..n by linear interpolation."""
@@ -350,15 +351,23 @@ def decode_target():
     rows, targets, floor = [], [], {}
     # int8: sample.py --quantize=int8 [--dtype=bfloat16]; bf16-only: --quantize=bf16 (fp32 activations);
     # float32-cols: sample.py's CPU fp32 default, wide weights stored transposed (GPT.transpose_wide_weights)
-    for weights in ('float32', 'float32-cols', 'bfloat16', 'int8', 'int8+bf16', 'bf16-only'):
+    # int8+bf16 compiled: sample.py --quantize=int8 --dtype=bfloat16 --compile=True (full runs only: ~25 s to compile)
+    for weights in ('float32', 'float32-cols', 'bfloat16', 'int8', 'int8+bf16', 'bf16-only') + \
+            (() if quick else ('int8+bf16 compiled',)):
         model = tiny_gpt(block_size=n_new + 1, pos_emb='rope', **kw).eval()
-        act = 'bfloat16' if weights.endswith(('+bf16', 'bfloat16')) else 'float32'
+        act = 'bfloat16' if weights.startswith(('int8+bf16', 'bfloat16')) else 'float32'
         model = model.to(getattr(torch, act))
         model = model.quantize_int8() if weights.startswith('int8') else model
         model = model.quantize_bf16() if weights == 'bf16-only' else model
         model = model.transpose_wide_weights() if weights == 'float32-cols' else model
         kv = getattr(torch, auto_kv_dtype(device.split(':')[0], act))
-        tok_s = {}
+        tok_s, model_compiled = {}, weights.endswith('compiled')
+        if model_compiled:
+            model = torch.compile(model, dynamic=True)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                generate(model, [1], 8, strategy='greedy', kv_dtype=kv)
+            floor['compile_s'] = time.perf_counter() - t0
         with torch.no_grad():
             # the memory-bandwidth floor: a decode step reads every weight once; reading them (a sum) takes
             tensors = [*model.parameters(), *model.buffers()]  # int8: + the fp32 embedding table (one row is read)
@@ -374,7 +383,7 @@ def decode_target():
                 tok_s['none'] = 1000 * n_new / total_ms
                 rows.append(dict(weights=weights, kv_cache='none (estimated)', strategy='greedy', new_tokens=n_new,
                                  tok_s=tok_s['none'], ms_per_token=total_ms / n_new))
-            for cache, strategy in runs if weights in ('float32', 'bfloat16') else runs[:2]:
+            for cache, strategy in runs if weights in ('float32', 'bfloat16') else runs[:1 if model_compiled else 2]:
                 ms = decode_ms(model, [1], n_new, strategy, warmup=8, amp=False, top_k=50,
                                kv_cache=cache.split('+')[0], offload=cache.endswith('offload'), page_size=256,
                                kv_dtype=kv)

@@ -567,7 +567,8 @@ class GPT(nn.Module):
                 a.k_cos, a.k_sin = cos, sin
         plain = (T == S or T == 1) and pad_mask is None and attn_mask is None and not self.sliding_window
         if plain and not a.manual and self.pos_emb != 'alibi':
-            a.is_causal = T > 1  # flash/efficient kernels, no mask tensor
+            if T > 1:  # an `if`: torch.compile guards on T (a symbolic bool in AttnInputs breaks inductor's code)
+                a.is_causal = True  # flash/efficient kernels, no mask tensor
             return a
         i = torch.arange(T, device=device)[:, None] + (S - T)
         allowed = (torch.arange(S, device=device)[None, :] <= i)[None, None]  # (1, 1, T, S)
@@ -857,15 +858,18 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         scale = w.abs().amax(1).clamp(min=1e-12) / 127
         self.register_buffer('q', torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer('scale', scale)
+        # kept in the weight's dtype, which is the activations' at inference: the kernel takes the scales in x's
+        # dtype, and a cast per call would also stop torch.compile from lowering the int8 kernel
+        self.register_buffer('scale', scale.to(linear.weight.dtype) if linear.weight.is_floating_point() else scale)
         self.bias = linear.bias
 
     def forward(self, x):
+        scale = self.scale if self.scale.dtype == x.dtype else self.scale.to(x.dtype)
         if x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16):
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.q, self.scale.to(x.dtype))
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.q, scale)
             y = y.view(*x.shape[:-1], -1)
         else:
-            y = F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+            y = F.linear(x, self.q.to(x.dtype) * scale[:, None])
         return y if self.bias is None else y + self.bias
 
 
@@ -895,14 +899,24 @@ BF16_EMULATED_ROWS = 2  # AVX2 EPYC, 384-wide layers: the bf16 kernel wins at 1-
 
 
 @functools.cache  # read /proc/cpuinfo once
-def cpu_has_fast_bf16():
-    """AVX512-BF16 or AMX: bf16 matmuls run in hardware (elsewhere, e.g. AVX2-only CPUs, they are emulated, slow)."""
+def cpu_flags():
+    """The CPU's feature flags (Linux /proc/cpuinfo), an empty set where they cannot be read."""
     try:
         with open('/proc/cpuinfo') as f:
-            flags = f.read()
+            return frozenset(w for line in f if line.startswith('flags') for w in line.split(':', 1)[1].split())
     except OSError:
-        return False
-    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+        return frozenset()
+
+
+def cpu_has_fast_bf16():
+    """AVX512-BF16 or AMX: bf16 matmuls run in hardware (elsewhere, e.g. AVX2-only CPUs, they are emulated, slow)."""
+    return bool({'avx512_bf16', 'amx_bf16'} & cpu_flags())
+
+
+def cpu_has_amx():
+    """AMX tiles (Intel Sapphire Rapids and later): oneDNN's bf16 attention kernels are fast there, while on an
+    AVX512-BF16 CPU without AMX (AMD Zen 4) batch-1 SDPA over a bf16 cache ran 3-7x slower than over fp32."""
+    return 'amx_bf16' in cpu_flags()
 
 
 def keep_freed_cpu_memory(enable=True):

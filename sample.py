@@ -371,14 +371,14 @@ self_consistency = 0      # chat --prompt: sample N answers and print the majori
 device = 'auto'           # auto = cuda > mps > cpu
 dtype = 'auto'            # weights: auto = bfloat16 on CUDA when supported, else float32. bfloat16 on a CPU
                           #   without bf16 units: faster decoding (half the bytes), much slower long prompts
-kv_dtype = 'auto'         # KV cache: auto = dtype, but float32 on CPU unless bf16 runs in hardware (auto_kv_dtype)
+kv_dtype = 'auto'         # KV cache: auto = dtype, but float32 on CPU unless bf16 weights on AMX (auto_kv_dtype)
 quantize = 'none'         # none | int8: weight-only int8 Linears (per-row scales), a quarter of the fp32 bytes |
                           #   bf16: weight-only bf16 Linears (activations and cache stay fp32), half the bytes
 cpu_fp32_layout = True    # fp32 weights on CPU: wide matrices stored transposed (GPT.transpose_wide_weights): faster
                           #   batch-1 decoding, the same values
 speculative = 'none'      # none | lookup: greedy with prompt-lookup drafts (the same tokens, fewer forwards)
 draft_len = 8             # lookup: draft tokens checked per forward
-compile = False           # torch.compile the model
+compile = False           # torch.compile the model (dynamic shapes: one compile for every cache length)
 eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin): greedy,
                           #   and with --self_consistency=N samples: sc@N, verifier@N, pass@1, pass@N
 eval_per_type = 20        # --eval_exercises: this many exercises per type
@@ -648,10 +648,11 @@ def write_preference_pairs(model, tok, data_dir, out, gen):
 
 def auto_kv_dtype(device, dtype):
     """The KV cache's dtype for kv_dtype=auto: the weights' dtype, except on CPU, where fp32 unless the weights are
-    bf16 and bf16 runs in hardware (AVX512-BF16/AMX). There, a bf16 cache decoded faster: greedy 2047 tokens of a
-    6L/384 model gave 176-201 tok/s against fp32's 159-181 with bf16 weights, 380 against 288 with int8 weights."""
-    from model import cpu_has_fast_bf16
-    if device != 'cpu' or (dtype == 'bfloat16' and cpu_has_fast_bf16()):
+    bf16 and the CPU has AMX. On a 2-core AMX Xeon a bf16 cache decoded faster (greedy 2047 tokens of a 6L/384
+    model: 380 against 288 tok/s with int8 weights); on an AVX512-BF16 AMD EPYC without AMX it was slower (225
+    against 330 tok/s; batch-1 SDPA over 2048 bf16 positions 682 us against fp32's 98), as on AVX2-only CPUs."""
+    from model import cpu_has_amx
+    if device != 'cpu' or (dtype == 'bfloat16' and cpu_has_amx()):
         return dtype
     return 'float32'
 
@@ -697,8 +698,8 @@ def main(argv=None):
     if kv_dtype == 'auto':
         kv_dtype = auto_kv_dtype(device, dtype)
     kv = getattr(torch, kv_dtype)
-    if compile:
-        model = torch.compile(model)
+    if compile:  # pays off on long or repeated decoding: the first call compiles (~25 s on a 2-core CPU)
+        model = torch.compile(model, dynamic=True)
     stop_ids = [tok.eot_id] if tok.eot_id is not None else []
     gen = dict(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, seed=seed,
                top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
