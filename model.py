@@ -186,6 +186,16 @@ def keep_mask(shape, p, dtype):
     return keep, 65536 / (65536 - thr)
 
 
+CAUSAL_BLOCK = 128  # rows per query block of cpu_dropout_attention (64 and 128 tied at T = 256; 32 was slower)
+
+
+def causal_blocks(T, rows=None):
+    """[(start, end)]: causal attention over T queries and keys as blocks of `rows` (default CAUSAL_BLOCK) query
+    rows, each over keys [0, end); T <= rows is one block."""
+    rows = rows or CAUSAL_BLOCK
+    return [(s, min(s + rows, T)) for s in range(0, T, rows)]
+
+
 def dropout(x, p, training):
     """F.dropout, with `keep_mask` on CPU (~5x cheaper there; CUDA has a fused kernel)."""
     if not training or p == 0:
@@ -360,13 +370,18 @@ class CausalSelfAttention(nn.Module):
         1/(1-p) scales the output instead of the weights. fwd+bwd at B16 H6 T256 D64, bf16: ~3x faster."""
         B, H, T, S = q.size(0), q.size(1), q.size(2), k.size(2)
         k, v = repeat_kv(k, H), repeat_kv(v, H)
-        if is_causal:  # T == S
-            bias = torch.full((T, S), float('-inf'), dtype=q.dtype, device=q.device).triu(1)
-            att = torch.baddbmm(bias, q.reshape(B * H, T, -1), k.reshape(B * H, S, -1).transpose(1, 2),
-                                alpha=self.scale).view(B, H, T, S)
-        else:
-            att = (q @ k.transpose(-2, -1)) * self.scale
-            att = att.masked_fill(~mask, float('-inf')) if mask.dtype == torch.bool else att + mask
+        if is_causal:  # T == S: blocks of query rows see keys [0, end) only, skipping products the mask would
+            # discard (T = 256: 2 blocks, 3/4 of the work; B16 H6 D64 bf16 fwd+bwd 44 -> 38.5 ms); one keep mask each
+            qf, kf, out = q.reshape(B * H, T, -1), k.reshape(B * H, S, -1), []
+            for start, end in causal_blocks(T):
+                bias = torch.full((end - start, end), float('-inf'), dtype=q.dtype, device=q.device).triu(start + 1)
+                att = torch.baddbmm(bias, qf[:, start:end], kf[:, :end].transpose(1, 2), alpha=self.scale)
+                att = att.view(B, H, end - start, end).softmax(dim=-1)
+                keep, scale = keep_mask(att.shape, p, att.dtype)
+                out.append((att * keep) @ v[:, :, :end] * scale)
+            return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+        att = (q @ k.transpose(-2, -1)) * self.scale
+        att = att.masked_fill(~mask, float('-inf')) if mask.dtype == torch.bool else att + mask
         att = att.softmax(dim=-1)
         keep, scale = keep_mask(att.shape, p, att.dtype)
         return (att * keep) @ v * scale

@@ -792,12 +792,17 @@ def test_keep_mask_is_bernoulli_and_dropout_scales():
         model_module.FAST_CPU_DROPOUT = True
 
 
-@pytest.mark.parametrize('kw', [dict(), dict(n_kv_head=2), dict(sliding_window=5), dict(pos_emb='alibi')])
-def test_cpu_training_attention_dropout_is_the_formula(kw):
+@pytest.mark.parametrize('kw', [dict(), dict(n_kv_head=2), dict(sliding_window=5), dict(pos_emb='alibi'),
+                                dict(block_rows=5), dict(n_kv_head=2, block_rows=6)])
+def test_cpu_training_attention_dropout_is_the_formula(kw, monkeypatch):
     """With dropout in training mode on CPU, attention weights are softmax(QK^T*scale + mask) times a keep mask,
     and the output is (P*keep)V/(1-p): rebuilt here from the same keep_mask draws, and with p -> 0 it is the
-    eval-mode (SDPA) output."""
-    from model import keep_mask
+    eval-mode (SDPA) output. Causal attention runs as blocks of query rows over the keys up to their end
+    (block_rows: blocks of 5 or 6 of the 17 rows), each block drawing its own mask."""
+    import model as model_module
+    from model import causal_blocks, keep_mask
+    kw = dict(kw)
+    monkeypatch.setattr(model_module, 'CAUSAL_BLOCK', kw.pop('block_rows', model_module.CAUSAL_BLOCK))
     m = build(dropout=0.25, **kw)
     attn = m.transformer.h[0].attn
     x = torch.randn(3, 17, 32)
@@ -816,8 +821,15 @@ def test_cpu_training_attention_dropout_is_the_formula(kw):
         s = s + a.bias
     s = s.masked_fill(~(causal if a.allowed is None else a.allowed), float('-inf'))
     torch.manual_seed(5)
-    keep, scale = keep_mask((B, H, T, T), 0.25, torch.float32)
-    assert 0.6 < keep.mean() < 0.9
+    if a.is_causal:  # the blocks' masks, in order, placed in the square (beyond a block's keys P is 0 anyway)
+        keep = torch.zeros(B, H, T, T)
+        for start, end in causal_blocks(T):
+            keep[:, :, start:end, :end], scale = keep_mask((B, H, end - start, end), 0.25, torch.float32)
+        assert len(causal_blocks(T)) == (1 if model_module.CAUSAL_BLOCK >= T else -(-T // model_module.CAUSAL_BLOCK))
+        assert 0.6 < keep[causal.expand_as(keep)].mean() < 0.9
+    else:
+        keep, scale = keep_mask((B, H, T, T), 0.25, torch.float32)
+        assert 0.6 < keep.mean() < 0.9
     ref = ((s.softmax(-1) * keep) @ v * scale).transpose(1, 2).reshape(B, T, H * hd)
     torch.manual_seed(5)
     resid = attn.resid_dropout  # the residual dropout draws after the weights' mask: turn it off to compare
