@@ -844,6 +844,40 @@ def test_cpu_training_attention_dropout_is_the_formula(kw, monkeypatch):
     assert torch.allclose(out, attn(x, a), atol=1e-6)
 
 
+def test_cpu_bf16_training_attention_blocks_match_sdpa(monkeypatch):
+    """Without dropout, causal bf16 training on a CPU without AMX runs cpu_dropout_attention's blocks
+    (cpu_blocks_win), not SDPA: the same outputs and gradients to bf16 rounding, and no random draws. fp32, AMX,
+    dropout-free eval and contexts beyond CPU_BLOCKS_MAX_T keep SDPA."""
+    import model as model_module
+    from model import cpu_blocks_win
+    q32, q16 = torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4, dtype=torch.bfloat16)
+    for amx in (False, True):
+        monkeypatch.setattr(model_module, 'cpu_has_amx', lambda: amx)
+        assert cpu_blocks_win(q16, True) is not amx and not cpu_blocks_win(q16, False) and not cpu_blocks_win(q32, True)
+    monkeypatch.setattr(model_module, 'cpu_has_amx', lambda: False)
+    assert not cpu_blocks_win(torch.zeros(1, 1, model_module.CPU_BLOCKS_MAX_T + 1, 4, dtype=torch.bfloat16), True)
+    monkeypatch.setattr(model_module, 'CAUSAL_BLOCK', 5)  # 17 positions: 4 blocks
+    m = build(n_kv_head=2).to(torch.bfloat16).train()
+    x = torch.randint(0, V, (3, 17))
+    calls = []
+    real = type(m.transformer.h[0].attn).cpu_dropout_attention
+    monkeypatch.setattr(type(m.transformer.h[0].attn), 'cpu_dropout_attention',
+                        lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    outs = []
+    for blocks in (True, False):
+        monkeypatch.setattr(model_module, 'FAST_CPU_DROPOUT', blocks)  # False: F.dropout and SDPA
+        m.zero_grad()
+        rng = torch.get_rng_state()
+        logits, loss = m(x, x)
+        loss.backward()
+        assert torch.equal(torch.get_rng_state(), rng)  # p = 0: nothing drawn
+        outs.append((logits, [p.grad.float() for p in m.parameters()]))
+    assert calls == [0.0] * len(m.transformer.h)  # the first pass took the blocks in every layer, the second none
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=0.05, rtol=0.02)
+    for g0, g1 in zip(outs[0][1], outs[1][1]):
+        assert (g0 - g1).norm() <= 0.05 * g1.norm() + 1e-6
+
+
 # ---- recipes -----------------------------------------------------------------------------------
 
 def test_model_recipes_set_only_known_keys_and_build():
@@ -1057,7 +1091,8 @@ def test_peak_flops_leaves_the_global_rng_alone():
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc')
 def test_keep_freed_cpu_memory_reuses_big_blocks():
     """64 MB tensors made and freed again and again: with glibc's defaults every one page-faults in fresh memory;
-    after keep_freed_cpu_memory() freed blocks are reused, so the later ones fault (almost) nowhere."""
+    after keep_freed_cpu_memory() freed blocks are reused, so most fault nowhere (the kernel may still reclaim
+    the kept pages now and then: up to 3 of 10 tensors faulted in on a loaded 2-core VM)."""
     code = textwrap.dedent('''
         import resource, sys, torch
         from model import keep_freed_cpu_memory
@@ -1067,7 +1102,7 @@ def test_keep_freed_cpu_memory_reuses_big_blocks():
         faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.ones(1 << 24)  # warm-up: the first one faults in either case
         before = faults()
-        for _ in range(10):
+        for _ in range(20):
             torch.ones(1 << 24)  # 64 MB = 16384 pages of 4 KB, freed at once
         print(faults() - before)''')
     faults = {}
@@ -1076,7 +1111,7 @@ def test_keep_freed_cpu_memory_reuses_big_blocks():
         assert r.returncode == 0, r.stderr
         faults[mode] = int(r.stdout.split()[-1])
     tensor = (64 << 20) // 4096
-    assert faults['keep'] < 3 * tensor, faults  # of ten: at most a stray one or two in fresh pages
+    assert faults['keep'] < 8 * tensor, faults  # of twenty: most reuse the kept block
     thp = '/sys/kernel/mm/transparent_hugepage/enabled'  # 'always': 2 MB pages, far fewer faults either way
     if not (os.path.exists(thp) and '[always]' in open(thp).read()):
-        assert faults['default'] > 8 * tensor, faults  # what the helper is for
+        assert faults['default'] > 18 * tensor, faults  # what the helper is for: every one faults
