@@ -351,7 +351,7 @@ def decode_target():
     rows, targets, floor = [], [], {}
     # int8: sample.py --quantize=int8 [--dtype=bfloat16]; bf16-only: --quantize=bf16 (fp32 activations);
     # float32-cols: sample.py's CPU fp32 default, wide weights stored transposed (GPT.transpose_wide_weights)
-    # int8+bf16 compiled: sample.py --quantize=int8 --dtype=bfloat16 --compile=True (full runs only: ~25 s to compile)
+    # int8+bf16 compiled: sample.py --quantize=int8 --dtype=bfloat16 --compile=True (full runs only: ~40 s to compile)
     for weights in ('float32', 'float32-cols', 'bfloat16', 'int8', 'int8+bf16', 'bf16-only') + \
             (() if quick else ('int8+bf16 compiled',)):
         model = tiny_gpt(block_size=n_new + 1, pos_emb='rope', **kw).eval()

@@ -189,11 +189,10 @@ def keep_mask(shape, p, dtype):
 CAUSAL_BLOCK = 128  # rows per query block of cpu_dropout_attention (64 and 128 tied at T = 256; 32 was slower)
 
 
-def causal_blocks(T, rows=None):
-    """[(start, end)]: causal attention over T queries and keys as blocks of `rows` (default CAUSAL_BLOCK) query
-    rows, each over keys [0, end); T <= rows is one block."""
-    rows = rows or CAUSAL_BLOCK
-    return [(s, min(s + rows, T)) for s in range(0, T, rows)]
+def causal_blocks(T):
+    """[(start, end)]: causal attention over T queries and keys as blocks of CAUSAL_BLOCK query rows, each over
+    keys [0, end); T <= CAUSAL_BLOCK is one block."""
+    return [(s, min(s + CAUSAL_BLOCK, T)) for s in range(0, T, CAUSAL_BLOCK)]
 
 
 CPU_BLOCKS_MAX_T = 512  # causal bf16 training on CPUs without AMX: the blocks up to this length (see cpu_blocks_win)
@@ -891,11 +890,11 @@ class Int8Linear(nn.Module):
         self.register_buffer('q', torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         # kept in the weight's dtype, which is the activations' at inference: the kernel takes the scales in x's
         # dtype, and a cast per call would also stop torch.compile from lowering the int8 kernel
-        self.register_buffer('scale', scale.to(linear.weight.dtype) if linear.weight.is_floating_point() else scale)
+        self.register_buffer('scale', scale.to(linear.weight.dtype))
         self.bias = linear.bias
 
     def forward(self, x):
-        scale = self.scale if self.scale.dtype == x.dtype else self.scale.to(x.dtype)
+        scale = self.scale.to(x.dtype)  # a no-op when the model was cast before quantising (sample.py)
         if x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.q, scale)
             y = y.view(*x.shape[:-1], -1)

@@ -698,7 +698,7 @@ def main(argv=None):
     if kv_dtype == 'auto':
         kv_dtype = auto_kv_dtype(device, dtype)
     kv = getattr(torch, kv_dtype)
-    if compile:  # pays off on long or repeated decoding: the first call compiles (~25 s on a 2-core CPU)
+    if compile:  # pays off on long or repeated decoding: the first call compiles (~45 s on a 2-core CPU)
         model = torch.compile(model, dynamic=True)
     stop_ids = [tok.eot_id] if tok.eot_id is not None else []
     gen = dict(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, seed=seed,
