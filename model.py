@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -175,15 +176,22 @@ def alibi_bias(slopes, qpos, kpos):
 FAST_CPU_DROPOUT = True  # keep_mask / cpu_dropout_attention; False: F.dropout and SDPA (its math path with dropout: nanoGPT)
 
 
+ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # 1.0 as a 16-bit float's bit pattern
+
+
 def keep_mask(shape, p, dtype):
     """Bernoulli(1 - p) keep mask as 0/1 in `dtype`, and its 1/(1-p) scale; p is rounded to a multiple of 2^-16.
-    On CPU, Tensor.bernoulli_ makes one generator call per element; this compares four 16-bit lanes of each
-    64-bit draw of the same generator (torch.manual_seed and the checkpointed RNG state still govern it), and
-    writes the 0/1 straight into `dtype` (a bool mask times a bf16 tensor would pay a conversion per use)."""
+    On CPU, Tensor.bernoulli_ makes one generator call per element, and even 64-bit draws of torch's mt19937 cost
+    ~3x numpy's PCG64DXSM. So: one draw of torch's generator seeds a PCG64DXSM stream (torch.manual_seed and the
+    checkpointed RNG state still govern every mask), four 16-bit lanes of each 64-bit word are compared in place, and
+    a 16-bit float mask is written as the bit pattern of 1.0 (no bool -> dtype pass; a bool mask times a bf16 tensor
+    would also pay a conversion per use)."""
     n, thr = math.prod(shape), round(p * 65536)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # full 64-bit range
-    keep = torch.ge(bits.view(torch.int16)[:n].view(shape), thr - 32768, out=torch.empty(shape, dtype=dtype))
-    return keep, 65536 / (65536 - thr)
+    seed = torch.empty((), dtype=torch.int64).random_().item()
+    lanes = torch.from_numpy(np.random.PCG64DXSM(seed).random_raw((n + 3) // 4).view(np.int16)[:n])
+    keep = lanes.ge_(thr - 32768)  # int16 0/1
+    keep = keep.mul_(ONE_BITS[dtype]).view(dtype) if dtype in ONE_BITS else keep.to(dtype)
+    return keep.view(shape), 65536 / (65536 - thr)
 
 
 CAUSAL_BLOCK = 128  # rows per query block of cpu_dropout_attention (64 and 128 tied at T = 256; 32 was slower)
@@ -195,15 +203,16 @@ def causal_blocks(T):
     return [(s, min(s + CAUSAL_BLOCK, T)) for s in range(0, T, CAUSAL_BLOCK)]
 
 
-CPU_BLOCKS_MAX_T = 512  # causal bf16 training on CPUs without AMX: the blocks up to this length (see cpu_blocks_win)
+CPU_BLOCKS_MAX_T = 512  # causal bf16 training on CPU: the blocks up to this length (see cpu_blocks_win)
 
 
 def cpu_blocks_win(q, is_causal):
     """Whether cpu_dropout_attention's blocks beat SDPA's flash kernel for this training step without dropout:
-    causal, bf16, at most CPU_BLOCKS_MAX_T positions, no AMX. On a 2-core AVX512-BF16 AMD EPYC (torch 2.13), fwd+bwd
-    of causal attention at head dim 64 took 9.5 ms against flash's 14.5 (B8 H4 T256), 25 against 40 (B4 H6 T512),
-    44 against 46 (B2 H6 T1024, where the T x T weights also cost memory); in fp32 the two were within ~10%."""
-    return is_causal and q.dtype == torch.bfloat16 and q.size(2) <= CPU_BLOCKS_MAX_T and not cpu_has_amx()
+    causal, bf16, at most CPU_BLOCKS_MAX_T positions. fwd+bwd of causal attention at head dim 64, 2 cores, torch 2.13,
+    blocks against flash: AVX512-BF16 AMD EPYC (no AMX) 9.5 vs 14.5 ms (B8 H4 T256), 25 vs 40 (B4 H6 T512), 44 vs 46
+    (B2 H6 T1024); AMX Xeon 9.8 vs 10.2 (B8 H4 T256), 28.4 vs 32.4 (B16 H6 T256), 16.9 vs 18.1 (B4 H6 T512), but
+    38 vs 22 at B2 H6 T1024 (the T x T weights cost memory traffic there). In fp32 the two were within ~10%."""
+    return is_causal and q.dtype == torch.bfloat16 and q.size(2) <= CPU_BLOCKS_MAX_T
 
 
 def dropout(x, p, training):
@@ -213,7 +222,7 @@ def dropout(x, p, training):
     if x.device.type != 'cpu' or p >= 1 or not FAST_CPU_DROPOUT:
         return F.dropout(x, p, True)
     keep, scale = keep_mask(x.shape, p, x.dtype)
-    return x * keep * scale
+    return torch.addcmul(x.new_zeros(()), x, keep, value=scale)  # x * keep * scale in one pass
 
 
 class Dropout(nn.Dropout):
@@ -342,6 +351,7 @@ class CausalSelfAttention(nn.Module):
                 k = k if a.k_cos is None else apply_rope(k, a.k_cos, a.k_sin)
         if self.qk_norm:  # parameter-free RMS over head_dim; a rotation keeps the RMS, so order vs RoPE is moot
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-6), F.rms_norm(k, (k.size(-1),), eps=1e-6)
+        out_dtype = q.dtype  # the projections' (bf16 under autocast, where x, a norm's output, is fp32)
         q = q.to(k.dtype)  # a cache may hold a wider dtype than the weights (fp32 K/V for bf16 weights on CPU)
         gqa = k.size(1) != H
         if a.manual:  # REFERENCE §1.1: S = QK^T*scale + bias, masked, softmax in fp32, O = PV
@@ -370,7 +380,7 @@ class CausalSelfAttention(nn.Module):
                 y = y[..., :hd] if pad else y
             if a.row_ok is not None:
                 y = y * a.row_ok
-        y = y.transpose(1, 2).reshape(B, T, H * hd).to(x.dtype)
+        y = y.transpose(1, 2).reshape(B, T, H * hd).to(out_dtype)
         return self.resid_dropout(self.c_proj(y))
 
     def cpu_dropout_attention(self, q, k, v, mask, is_causal, p):

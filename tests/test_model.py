@@ -845,16 +845,13 @@ def test_cpu_training_attention_dropout_is_the_formula(kw, monkeypatch):
 
 
 def test_cpu_bf16_training_attention_blocks_match_sdpa(monkeypatch):
-    """Without dropout, causal bf16 training on a CPU without AMX runs cpu_dropout_attention's blocks
-    (cpu_blocks_win), not SDPA: the same outputs and gradients to bf16 rounding, and no random draws. fp32, AMX,
-    dropout-free eval and contexts beyond CPU_BLOCKS_MAX_T keep SDPA."""
+    """Without dropout, causal bf16 training on CPU runs cpu_dropout_attention's blocks (cpu_blocks_win), not SDPA:
+    the same outputs and gradients to bf16 rounding, and no random draws. fp32, non-causal masks, dropout-free eval
+    and contexts beyond CPU_BLOCKS_MAX_T keep SDPA."""
     import model as model_module
     from model import cpu_blocks_win
     q32, q16 = torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4, dtype=torch.bfloat16)
-    for amx in (False, True):
-        monkeypatch.setattr(model_module, 'cpu_has_amx', lambda: amx)
-        assert cpu_blocks_win(q16, True) is not amx and not cpu_blocks_win(q16, False) and not cpu_blocks_win(q32, True)
-    monkeypatch.setattr(model_module, 'cpu_has_amx', lambda: False)
+    assert cpu_blocks_win(q16, True) and not cpu_blocks_win(q16, False) and not cpu_blocks_win(q32, True)
     assert not cpu_blocks_win(torch.zeros(1, 1, model_module.CPU_BLOCKS_MAX_T + 1, 4, dtype=torch.bfloat16), True)
     monkeypatch.setattr(model_module, 'CAUSAL_BLOCK', 5)  # 17 positions: 4 blocks
     m = build(n_kv_head=2).to(torch.bfloat16).train()
