@@ -451,7 +451,8 @@ def kvcache():
 def train_point(model_args, B, T, stock=False):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**model_args)).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda())
+    # fused: train.py's optimizer; the stock baseline keeps nanoGPT's, foreach on CPU
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda() or not stock)
     x = torch.randint(model.config.vocab_size, (B, T + 1), device=device)
 
     def run():
