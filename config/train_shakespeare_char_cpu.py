@@ -41,4 +41,4 @@ lr_decay_iters = 250
 warmup_iters = 15
 betas = (0.9, 0.99)
 device = 'cpu'
-dtype = 'float32'           # fp32 measured faster at 128 wide on an AVX512-BF16 EPYC; with AMX, --dtype=bfloat16 is (36 vs 50 ms/step)
+dtype = 'float32'           # faster than bf16 at 128 wide on an AVX512-BF16 EPYC; on AMX, --dtype=bfloat16 is (README)
