@@ -195,12 +195,39 @@ def lookup_draft(seq, ngram, k):
     return []
 
 
+class DraftModel:
+    """Greedy drafts from a small model with its own KV cache (the draft model of Leviathan et al. 2023), for
+    speculative_greedy: propose(seq, k) feeds it the tokens of seq it has not seen, then k - 1 of its own; the
+    drafts the target rejects leave its cache on the next call."""
+
+    def __init__(self, model, max_len, kv_dtype=None):
+        self.model, self.seen, self.device = model, [], next(model.parameters()).device
+        self.cache = model.make_kv_cache(1, max_len, device=self.device, dtype=kv_dtype)
+
+    def propose(self, seq, k):
+        n = 0  # tokens of seq already in the cache: the common prefix of what it saw and seq
+        while n < min(len(self.seen), len(seq) - 1) and self.seen[n] == seq[n]:
+            n += 1
+        self.cache.truncate(len(self.seen) - n)
+        self.seen, draft = seq[:], []
+        x = seq[n:]
+        while len(draft) < k:
+            logits = self.model(torch.tensor([x], device=self.device), kv_cache=self.cache)[0]
+            draft.append(int(logits[0, -1].argmax()))
+            if len(draft) < k:  # the last draft token is checked by the target only, never fed here
+                self.seen.append(draft[-1])
+                x = draft[-1:]
+        return draft
+
+
 @torch.no_grad()
-def lookup_greedy(model, prompt, max_new_tokens, stop_ids=(), on_token=None, draft_len=8, ngram=3, kv_dtype=None):
-    """Greedy decoding, speculatively (Leviathan et al. 2023) with the context itself as the draft model (prompt
-    lookup decoding, Saxena 2023): after each token, lookup_draft proposes what followed the same n-gram earlier;
-    one forward of the token + its draft scores them all, the draft tokens greedy would have chosen are kept (and the
-    model's next token comes free), the rest leave the cache. The output is greedy's; returns (tokens, forwards)."""
+def speculative_greedy(model, prompt, max_new_tokens, stop_ids=(), on_token=None, draft_len=8, ngram=3,
+                       kv_dtype=None, draft=None):
+    """Greedy decoding, speculatively (Leviathan et al. 2023): after each token a draft proposes up to draft_len
+    more, one forward of the token + its draft scores them all, the draft tokens greedy would have chosen are kept
+    (and the model's next token comes free), the rest leave the cache. The draft is a DraftModel, or with
+    draft=None the context itself (prompt lookup decoding, Saxena 2023: lookup_draft proposes what followed the
+    same n-gram earlier). The output is greedy's; returns (tokens, forwards of the model)."""
     device = next(model.parameters()).device
     cache = model.make_kv_cache(1, len(prompt) + max_new_tokens + draft_len, device=device, dtype=kv_dtype)
     logits = model(torch.tensor([prompt], device=device), kv_cache=cache)[0][0, -1:]
@@ -213,13 +240,14 @@ def lookup_greedy(model, prompt, max_new_tokens, stop_ids=(), on_token=None, dra
             seq.append(t)
             if (on_token and on_token(0, t)) or len(out) == max_new_tokens:
                 return out, forwards
-        draft = lookup_draft(seq, ngram, min(draft_len, max_new_tokens - len(out) - 1))
-        x = torch.tensor([[seq[-1]] + draft], device=device)
+        k = min(draft_len, max_new_tokens - len(out) - 1)
+        proposed = (draft.propose(seq, k) if k else []) if draft else lookup_draft(seq, ngram, k)
+        x = torch.tensor([[seq[-1]] + proposed], device=device)
         scored = model(x, kv_cache=cache)[0][0]  # scored[j]: the next token after x[j]
         forwards += 1
         greedy = scored.argmax(-1).tolist()
-        n_ok = next((j for j, d in enumerate(draft) if greedy[j] != d), len(draft))
-        cache.truncate(len(draft) - n_ok)
+        n_ok = next((j for j, d in enumerate(proposed) if greedy[j] != d), len(proposed))
+        cache.truncate(len(proposed) - n_ok)
         logits = scored[:n_ok + 1]
 
 
@@ -376,8 +404,10 @@ quantize = 'none'         # none | int8: weight-only int8 Linears (per-row scale
                           #   bf16: weight-only bf16 Linears (activations and cache stay fp32), half the bytes
 cpu_fp32_layout = True    # fp32 weights on CPU: wide matrices stored transposed (GPT.transpose_wide_weights): faster
                           #   batch-1 decoding, the same values
-speculative = 'none'      # none | lookup: greedy with prompt-lookup drafts (the same tokens, fewer forwards)
-draft_len = 8             # lookup: draft tokens checked per forward
+speculative = 'none'      # none | lookup | draft: greedy, the same tokens in fewer forwards, with drafts from the
+                          #   context (prompt lookup) or from a small model's checkpoint (--draft_dir)
+draft_len = 8             # draft tokens checked per forward
+draft_dir = ''            # speculative=draft: out_dir of the draft model (same tokenizer, e.g. a smaller run)
 compile = False           # torch.compile the model (dynamic shapes: one compile for every cache length)
 eval_exercises = False    # exact match per exercise type on the dataset's val_exercises.jsonl (synth twin): greedy,
                           #   and with --self_consistency=N samples: sc@N, verifier@N, pass@1, pass@N
@@ -657,13 +687,41 @@ def auto_kv_dtype(device, dtype):
     return 'float32'
 
 
+def inference_weights(model):
+    """Inference keeps no fp32 master weights: the model cast to --dtype (bf16: half the bytes read per token; no
+    autocast), then --quantize, or on CPU in fp32 the wide matrices stored transposed."""
+    model = model.to(getattr(torch, dtype))
+    if quantize != 'none':
+        return getattr(model, f'quantize_{quantize}')()
+    if cpu_fp32_layout and device == 'cpu' and dtype == 'float32':
+        return model.transpose_wide_weights()
+    return model
+
+
+def load_draft(path, target, n_tokens):
+    """speculative=draft: the draft model of checkpoint `path`, prepared as the target is, or one error line."""
+    draft, _ = load_checkpoint(path)
+    if draft.config.vocab_size != target.config.vocab_size:
+        die(f"the draft {path} has vocab_size {draft.config.vocab_size}, the model {target.config.vocab_size}: "
+            "train the draft on the same tokenizer (the same data dir, or prepare.py --tokenizer_from)")
+    check_keeps_every_token(draft, n_tokens, 'the draft')
+    return inference_weights(draft.eval().to(device))
+
+
+def check_keeps_every_token(model, n_tokens, what='the model'):
+    c = model.config
+    if c.sliding_window or c.pos_emb == 'learned' and n_tokens > c.block_size:
+        die(f"speculative={speculative} needs a cache that keeps every token: {what} has sliding_window, or learned "
+            f"positions for at most block_size={c.block_size} of the {n_tokens} tokens")
+
+
 def main(argv=None):
     global device, dtype, kv_dtype
     argv = sys.argv[1:] if argv is None else argv
     reject_shape_flags(argv, 'sample.py')
     configure(globals(), argv)
     for key, allowed in (('strategy', 'greedy|sample|beam'), ('kv_cache', 'none|contiguous|paged'), ('quantize', 'none|int8|bf16'),
-                         ('speculative', 'none|lookup'),
+                         ('speculative', 'none|lookup|draft'),
                          ('dtype', 'auto|float32|bfloat16|float16'), ('kv_dtype', 'auto|float32|bfloat16|float16')):
         if globals()[key] not in allowed.split('|'):
             die(f"{key} must be {allowed}, got '{globals()[key]}'")
@@ -679,8 +737,10 @@ def main(argv=None):
     if speculative != 'none' and (strategy != 'greedy' or kv_cache != 'contiguous' or num_samples != 1 or chat or
                                   prompt or eval_exercises or repetition_penalty != 1 or no_repeat_ngram or
                                   frequency_penalty or presence_penalty):
-        die("speculative=lookup is plain greedy made faster: use it with --strategy=greedy --kv_cache=contiguous, "
-            "one sample, no penalties, not in chat or --eval_exercises")
+        die(f"speculative={speculative} is plain greedy made faster: use it with --strategy=greedy "
+            "--kv_cache=contiguous, one sample, no penalties, not in chat or --eval_exercises")
+    if (speculative == 'draft') != bool(draft_dir):
+        die("--speculative=draft needs --draft_dir=OUT_DIR (a smaller model's checkpoint), and --draft_dir needs it")
     overrides = model_overrides(globals())
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
@@ -689,12 +749,7 @@ def main(argv=None):
     torch.manual_seed(seed)
     given = out_dir != 'out' or any(a.partition('=')[0] == '--out_dir' for a in argv)
     model, tok, data_dir = load(find_checkpoint(out_dir, given), device, overrides)
-    # inference keeps no fp32 master weights: cast them (half the bytes read per token), no autocast
-    model = model.to(getattr(torch, dtype))
-    if quantize != 'none':
-        model = getattr(model, f'quantize_{quantize}')()
-    elif cpu_fp32_layout and device == 'cpu' and dtype == 'float32':
-        model = model.transpose_wide_weights()
+    model = inference_weights(model)
     if kv_dtype == 'auto':
         kv_dtype = auto_kv_dtype(device, dtype)
     kv = getattr(torch, kv_dtype)
@@ -737,15 +792,15 @@ def main(argv=None):
     streams = [TextStream(tok, show=num_samples == 1, stop=stop) for _ in range(num_samples)]
     if num_samples == 1:
         print(text, end='')
-    if speculative == 'lookup':
-        c = model.config
-        if c.sliding_window or c.pos_emb == 'learned' and len(ids) + max_new_tokens > c.block_size:
-            die("speculative=lookup needs a cache that keeps every token: no sliding_window, and with learned "
-                f"positions at most block_size={c.block_size} tokens in all")
+    if speculative != 'none':
+        n_tokens = len(ids) + max_new_tokens
+        check_keeps_every_token(model, n_tokens)
+        draft = DraftModel(load_draft(find_checkpoint(draft_dir, True), model, n_tokens), n_tokens + draft_len, kv) \
+            if speculative == 'draft' else None
         t0 = time.time()
-        out, forwards = lookup_greedy(model, ids, max_new_tokens, stop_ids, lambda r, t: streams[r](t), draft_len,
-                                      kv_dtype=kv)
-        print(f"lookup: {len(out)} tokens in {forwards} forwards ({len(out) / forwards:.2f} tokens each), "
+        out, forwards = speculative_greedy(model, ids, max_new_tokens, stop_ids, lambda r, t: streams[r](t), draft_len,
+                                           kv_dtype=kv, draft=draft)
+        print(f"{speculative}: {len(out)} tokens in {forwards} forwards ({len(out) / forwards:.2f} tokens each), "
               f"{len(out) / (time.time() - t0):.1f} tok/s", file=sys.stderr)
     else:
         generate(model, ids, num_samples=num_samples, stop_ids=stop_ids,

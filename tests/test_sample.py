@@ -671,7 +671,7 @@ def test_cli_eval_exercises_prints_a_table(chat_ckpt, tmp_path):
     assert all(row.split('|')[2].strip() == '1' for row in rows)  # eval_per_type=1
 
 
-# ---- speculative greedy with prompt lookup -----------------------------------------------------------------
+# ---- speculative greedy: prompt lookup and draft models -------------------------------------------------------------
 
 def test_lookup_draft_finds_the_latest_longest_ngram():
     seq = [1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3]
@@ -692,15 +692,15 @@ def test_lookup_greedy_gives_greedy_tokens(pos_emb, init_std):
     full = sample.generate(m, prompt, 100, strategy='greedy', kv_cache='none')[0]  # the reference: no cache at all
     late = next((t for i, t in enumerate(full) if i >= 10 and full.index(t) == i), None)  # first seen after 10
     for draft_len in (1, 4, 8):
-        out, forwards = sample.lookup_greedy(m, prompt, 100, draft_len=draft_len)
+        out, forwards = sample.speculative_greedy(m, prompt, 100, draft_len=draft_len)
         assert out == full
         if init_std < 0.1:  # drafts accepted: draft_len + 1 tokens a forward
             assert forwards <= len(full) / (draft_len + 1) + 5, (draft_len, forwards)  # + the start-up
         if late is not None:
-            assert sample.lookup_greedy(m, prompt, 100, stop_ids=[late], draft_len=draft_len)[0] == full[:full.index(late)]
+            assert sample.speculative_greedy(m, prompt, 100, stop_ids=[late], draft_len=draft_len)[0] == full[:full.index(late)]
     assert init_std < 0.1 or len(set(full)) > 3
     streamed = []  # on_token sees every token and can stop the row
-    out, _ = sample.lookup_greedy(m, prompt, 100, on_token=lambda r, t: streamed.append(t) or len(streamed) == 7)
+    out, _ = sample.speculative_greedy(m, prompt, 100, on_token=lambda r, t: streamed.append(t) or len(streamed) == 7)
     assert streamed == out == full[:7]
 
 
@@ -711,6 +711,61 @@ def test_cli_lookup_matches_greedy_and_refuses_other_strategies(chat_ckpt):
     assert fast.stdout == plain.stdout and 'forwards' in fast.stderr
     r = run_cli(f'--out_dir={chat_ckpt}', '--speculative=lookup', '--strategy=sample')
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'greedy' in r.stderr
+
+
+@pytest.mark.parametrize('pos_emb', ['rope', 'learned'])
+def test_draft_model_speculation_gives_greedy_tokens(pos_emb):
+    """With a small model's drafts the tokens are the no-cache greedy tokens exactly, for every draft length, a
+    stop token and on_token; a draft that is the model itself has every draft accepted (draft_len + 1 tokens per
+    forward of the model), an unrelated one most rejected, and the draft's cache follows either way."""
+    torch.manual_seed(1)
+    kw = dict(block_size=160, vocab_size=50, pos_emb=pos_emb, init_std=1.0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, **kw)).eval().double()
+    small = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, **kw)).eval().double()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    full = sample.generate(m, prompt, 100, strategy='greedy', kv_cache='none')[0]
+    assert len(set(full[50:])) > 5  # it wanders: drafts of an unrelated model are mostly wrong
+    late = next(t for i, t in enumerate(full) if i >= 10 and full.index(t) == i)
+    for draft_len in (1, 3, 8):
+        for draft_model in (small, m):
+            draft = sample.DraftModel(draft_model, len(prompt) + 100 + draft_len)
+            out, forwards = sample.speculative_greedy(m, prompt, 100, draft_len=draft_len, draft=draft)
+            assert out == full, (draft_len, draft_model is m)
+            if draft_model is m:
+                assert forwards <= len(full) / (draft_len + 1) + 2, (draft_len, forwards)
+            assert draft.seen == (prompt + out)[:len(draft.seen)]  # its cache holds the sequence, no stale drafts
+            draft = sample.DraftModel(draft_model, len(prompt) + 100 + draft_len)
+            stopped = sample.speculative_greedy(m, prompt, 100, stop_ids=[late], draft_len=draft_len, draft=draft)[0]
+            assert stopped == full[:full.index(late)]
+    streamed, draft = [], sample.DraftModel(small, 200)
+    out, _ = sample.speculative_greedy(m, prompt, 100, on_token=lambda r, t: streamed.append(t) or len(streamed) == 7,
+                                       draft=draft)
+    assert streamed == out == full[:7]
+
+
+def test_cli_draft_speculation_matches_greedy_and_checks_the_draft(chat_ckpt, tmp_path):
+    args = [f'--out_dir={chat_ckpt}', '--start=12+12+12+12', '--max_new_tokens=20', '--strategy=greedy']
+    plain = run_cli(*args)
+    from dataclasses import asdict
+    ckpt = torch.load(os.path.join(chat_ckpt, 'ckpt.pt'), weights_only=True)
+    torch.manual_seed(1)
+    other = GPT(GPTConfig(**{**ckpt['model_args'], 'n_embd': 8, 'n_head': 1, 'n_kv_head': 1}))  # same tokenizer, other weights
+    os.makedirs(tmp_path / 'small')
+    torch.save({**ckpt, 'model': other.state_dict(), 'model_args': asdict(other.config)}, tmp_path / 'small' / 'ckpt.pt')
+    for draft_dir, all_accepted in ((chat_ckpt, True), (tmp_path / 'small', False)):
+        fast = run_cli(*args, '--speculative=draft', f'--draft_dir={draft_dir}', '--draft_len=4')
+        assert fast.returncode == 0, fast.stderr
+        assert fast.stdout == plain.stdout and 'forwards' in fast.stderr
+        forwards = int(re.search(r'in (\d+) forwards', fast.stderr).group(1))
+        assert (forwards == 5) == all_accepted, fast.stderr  # the prompt's, then 4 of 1 + 4 accepted drafts
+    bad = GPT(GPTConfig(**{**ckpt['model_args'], 'vocab_size': ckpt['model_args']['vocab_size'] + 1}))
+    os.makedirs(tmp_path / 'bad')
+    torch.save({**ckpt, 'model': bad.state_dict(), 'model_args': asdict(bad.config)}, tmp_path / 'bad' / 'ckpt.pt')
+    for extra in ([f'--draft_dir={tmp_path / "bad"}'], [], [f'--draft_dir={tmp_path / "missing"}']):
+        r = run_cli(*args, '--speculative=draft', *extra)
+        assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+    r = run_cli(*args, '--speculative=lookup', f'--draft_dir={chat_ckpt}')
+    assert r.returncode == 2 and 'draft_dir' in r.stderr
 
 
 def test_auto_kv_dtype(monkeypatch):
