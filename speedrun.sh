@@ -2,8 +2,8 @@
 # One button, end to end, offline, on CPU by default:
 #   install (pinned) -> prepare the offline `plays` corpus -> train config/speedrun.py -> sample -> summary.
 # Target: <= 20 minutes on a 2-core CPU and val bpb <= 2.2 on the held-out plays (measured on an AVX512-BF16
-# Xeon: 784 s, bpb 2.001). A CPU without bf16 trains in fp32, whose step was 2.4x slower in bench.py here:
-# add --max_iters=1000 --lr_decay_iters=1000 there.
+# Xeon: 784 s, bpb 2.001; 454 s, bpb 1.998 on another with AMX). A CPU without bf16 trains in fp32, whose step
+# was 2.4x slower in bench.py here: add --max_iters=1000 --lr_decay_iters=1000 there.
 # Pass extra train.py overrides through, e.g.  bash speedrun.sh --device=cuda --max_iters=3000
 set -euo pipefail
 cd "$(dirname "$0")"

