@@ -205,6 +205,8 @@ class DraftModel:
         self.cache = model.make_kv_cache(1, max_len, device=self.device, dtype=kv_dtype)
 
     def propose(self, seq, k):
+        if not k:
+            return []
         n = 0  # tokens of seq already in the cache: the common prefix of what it saw and seq
         while n < min(len(self.seen), len(seq) - 1) and self.seen[n] == seq[n]:
             n += 1
@@ -229,6 +231,7 @@ def speculative_greedy(model, prompt, max_new_tokens, stop_ids=(), on_token=None
     draft=None the context itself (prompt lookup decoding, Saxena 2023: lookup_draft proposes what followed the
     same n-gram earlier). The output is greedy's; returns (tokens, forwards of the model)."""
     device = next(model.parameters()).device
+    propose = draft.propose if draft else lambda seq, k: lookup_draft(seq, ngram, k)
     cache = model.make_kv_cache(1, len(prompt) + max_new_tokens + draft_len, device=device, dtype=kv_dtype)
     logits = model(torch.tensor([prompt], device=device), kv_cache=cache)[0][0, -1:]
     seq, out, forwards = list(prompt), [], 1
@@ -240,8 +243,7 @@ def speculative_greedy(model, prompt, max_new_tokens, stop_ids=(), on_token=None
             seq.append(t)
             if (on_token and on_token(0, t)) or len(out) == max_new_tokens:
                 return out, forwards
-        k = min(draft_len, max_new_tokens - len(out) - 1)
-        proposed = (draft.propose(seq, k) if k else []) if draft else lookup_draft(seq, ngram, k)
+        proposed = propose(seq, min(draft_len, max_new_tokens - len(out) - 1))
         x = torch.tensor([[seq[-1]] + proposed], device=device)
         scored = model(x, kv_cache=cache)[0][0]  # scored[j]: the next token after x[j]
         forwards += 1

@@ -671,7 +671,7 @@ def test_cli_eval_exercises_prints_a_table(chat_ckpt, tmp_path):
     assert all(row.split('|')[2].strip() == '1' for row in rows)  # eval_per_type=1
 
 
-# ---- speculative greedy: prompt lookup and draft models -------------------------------------------------------------
+# ---- speculative greedy: prompt lookup and draft models ----------------------------------------------------
 
 def test_lookup_draft_finds_the_latest_longest_ngram():
     seq = [1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3]
@@ -697,7 +697,8 @@ def test_lookup_greedy_gives_greedy_tokens(pos_emb, init_std):
         if init_std < 0.1:  # drafts accepted: draft_len + 1 tokens a forward
             assert forwards <= len(full) / (draft_len + 1) + 5, (draft_len, forwards)  # + the start-up
         if late is not None:
-            assert sample.speculative_greedy(m, prompt, 100, stop_ids=[late], draft_len=draft_len)[0] == full[:full.index(late)]
+            stopped = sample.speculative_greedy(m, prompt, 100, stop_ids=[late], draft_len=draft_len)[0]
+            assert stopped == full[:full.index(late)]
     assert init_std < 0.1 or len(set(full)) > 3
     streamed = []  # on_token sees every token and can stop the row
     out, _ = sample.speculative_greedy(m, prompt, 100, on_token=lambda r, t: streamed.append(t) or len(streamed) == 7)
@@ -749,9 +750,11 @@ def test_cli_draft_speculation_matches_greedy_and_checks_the_draft(chat_ckpt, tm
     from dataclasses import asdict
     ckpt = torch.load(os.path.join(chat_ckpt, 'ckpt.pt'), weights_only=True)
     torch.manual_seed(1)
-    other = GPT(GPTConfig(**{**ckpt['model_args'], 'n_embd': 8, 'n_head': 1, 'n_kv_head': 1}))  # same tokenizer, other weights
+    # the same tokenizer, other weights
+    other = GPT(GPTConfig(**{**ckpt['model_args'], 'n_embd': 8, 'n_head': 1, 'n_kv_head': 1}))
     os.makedirs(tmp_path / 'small')
-    torch.save({**ckpt, 'model': other.state_dict(), 'model_args': asdict(other.config)}, tmp_path / 'small' / 'ckpt.pt')
+    torch.save({**ckpt, 'model': other.state_dict(), 'model_args': asdict(other.config)},
+               tmp_path / 'small' / 'ckpt.pt')
     for draft_dir, all_accepted in ((chat_ckpt, True), (tmp_path / 'small', False)):
         fast = run_cli(*args, '--speculative=draft', f'--draft_dir={draft_dir}', '--draft_len=4')
         assert fast.returncode == 0, fast.stderr
